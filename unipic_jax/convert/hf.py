@@ -1,0 +1,386 @@
+"""Hugging Face folders (``config.json`` + safetensors) ↔ NNX models.
+
+Reading never materialises more than one tensor on the host at a time: names and shapes
+are validated from the safetensors headers first (unknown keys, missing keys and shape
+mismatches are reported together, by name, before anything is loaded), then each tensor
+is read, re-laid-out, cast and placed straight onto its sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from unipic_jax import sharding
+from unipic_jax.convert.mapping import KeyMap, ours_to_torch, path_str, torch_shape, torch_to_ours
+
+log = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: the message names every offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What conversion needs to know about one model family."""
+
+    name: str
+    config_type: type
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[..., Any]
+    config_to_hf: Callable[[Any], dict]
+    build: Callable[[Any, nnx.Rngs], nnx.Module]
+    keymap: KeyMap
+    # torch keys that may be present without a parameter to receive them, given the config
+    optional: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    hf_config_class: str = ""
+
+
+def _families() -> dict[str, Family]:
+    from unipic_jax.models import qwen2
+
+    return {
+        "qwen2": Family(
+            name="qwen2",
+            config_type=qwen2.Qwen2Config,
+            model_types=("qwen2",),
+            config_from_hf=qwen2.config_from_hf,
+            config_to_hf=qwen2.config_to_hf,
+            build=lambda cfg, rngs: qwen2.Qwen2(cfg, rngs=rngs),
+            keymap=KeyMap(qwen2.HF_RULES, qwen2.HF_IGNORED),
+            optional=lambda cfg: ("lm_head.weight",) if cfg.tie_word_embeddings else (),
+            hf_config_class="Qwen2Config",
+        ),
+    }
+
+
+def family_of_config(cfg: Any) -> Family:
+    for fam in _families().values():
+        if isinstance(cfg, fam.config_type):
+            return fam
+    raise ConversionError(f"No Hugging Face conversion is registered for config type {type(cfg).__name__}")
+
+
+def family_of_hf(hf_config: dict, path: Path) -> Family:
+    mt = hf_config.get("model_type")
+    for fam in _families().values():
+        if mt in fam.model_types:
+            return fam
+    known = sorted(t for f in _families().values() for t in f.model_types)
+    raise ConversionError(f"{path}/config.json has model_type={mt!r}; supported model types: {known}")
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class SafetensorsFolder:
+    """The tensors of a folder: one ``model.safetensors`` or a sharded index."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if (self.path / SAFE_INDEX).exists():
+            index = json.loads((self.path / SAFE_INDEX).read_text())
+            self.files = dict(index["weight_map"])
+        elif (self.path / SAFE_SINGLE).exists():
+            self.files = {k: SAFE_SINGLE for k in self._header(SAFE_SINGLE)}
+        else:
+            found = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else "not a folder"
+            raise ConversionError(
+                f"No {SAFE_SINGLE} or {SAFE_INDEX} in {self.path} (found: {found}). PyTorch .bin folders "
+                "can be re-saved with transformers' save_pretrained(..., safe_serialization=True)."
+            )
+        for name in sorted(set(self.files.values())):
+            if not (self.path / name).exists():
+                raise ConversionError(f"{SAFE_INDEX} in {self.path} lists {name}, which does not exist.")
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def _header(self, name: str) -> dict[str, tuple[int, ...]]:
+        """Key → shape from one file's header (no tensor data is read)."""
+        try:
+            with safe_open(self.path / name, "numpy") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ConversionError(f"Cannot read {self.path / name}: {e}. Is the file complete?") from e
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for name in sorted(set(self.files.values())):
+            out.update(self._header(name))
+        return out
+
+    def tensors(self, keys: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields ``(key, array)`` one at a time, opening each file once."""
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        for name, ks in by_file.items():
+            with safe_open(self.path / name, "numpy") as f:
+                for k in ks:
+                    yield k, f.get_tensor(k)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    p = Path(path) / "config.json"
+    if not p.exists():
+        raise ConversionError(f"{path} has no config.json; pass the folder that save_pretrained wrote.")
+    return json.loads(p.read_text())
+
+
+def _dtype_from_hf(hf: dict):
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(name, "float32")
+
+
+def load_state(
+    model: nnx.Module,
+    folder: SafetensorsFolder,
+    keymap: KeyMap,
+    optional: tuple[str, ...] = (),
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> nnx.Module:
+    """Fills an (abstract or concrete) NNX ``model`` from ``folder``; returns the loaded model.
+
+    Every parameter of the model must come from exactly one key; every key must map to a
+    parameter (or be in ``optional`` / the table's ignore list). Raises
+    :class:`ConversionError` naming all unknown keys, missing parameters and shape
+    mismatches at once.
+    """
+    graphdef, state = nnx.split(model)
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(state)}
+    shapes = folder.shapes()
+    unknown, mismatched, plan, ignored = [], [], {}, []
+    for key, shape in shapes.items():
+        m = keymap.to_ours(key)
+        if m is None or m[0] not in flat:
+            if keymap.ignored(key) or key in optional:
+                ignored.append(key)
+            else:
+                unknown.append(key if m is None else f"{key} (would be {m[0]}, which this model does not have)")
+            continue
+        ours, rule = m
+        want = torch_shape(rule, flat[ours].get_value().shape)
+        if tuple(shape) != want:
+            mismatched.append(f"{key}: checkpoint {tuple(shape)}, model expects {want} (for {ours})")
+        plan[key] = (ours, rule)
+    missing = sorted(set(flat) - {o for o, _ in plan.values()})
+    problems = []
+    if unknown:
+        problems.append("unknown keys in the checkpoint:\n  " + "\n  ".join(sorted(unknown)))
+    if missing:
+        problems.append(
+            "parameters missing from the checkpoint:\n  "
+            + "\n  ".join(f"{m} (torch key {keymap.to_torch(m)[0] if keymap.to_torch(m) else '?'})" for m in missing)
+        )
+    if mismatched:
+        problems.append("shape mismatches (does the config match the checkpoint?):\n  " + "\n  ".join(mismatched))
+    if problems:
+        raise ConversionError(f"Cannot load {folder.path}:\n" + "\n".join(problems))
+    if ignored:
+        log.info("ignored keys without a parameter: %s", ignored)
+
+    values = {}
+    for key, arr in tqdm(folder.tensors(list(plan)), total=len(plan), desc="loading", disable=not progress,
+                         unit="tensor", leave=False):
+        ours, rule = plan[key]
+        var = flat[ours]
+        x = torch_to_ours(rule, arr, var.get_value().shape).astype(var.get_value().dtype)
+        target = sharding.variable_sharding(var, mesh) if mesh is not None else None
+        values[ours] = sharding.put(x, target)
+        del arr, x
+    new_state = nnx.from_flat_state(
+        [(p, v.replace(values[path_str(p)])) for p, v in nnx.to_flat_state(state)]
+    )
+    return nnx.merge(graphdef, new_state)
+
+
+def from_hf(
+    path: str | os.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: Any = None,
+    *,
+    param_dtype: Any = None,
+    progress: bool = True,
+    **config_overrides,
+) -> nnx.Module:
+    """Loads a Hugging Face folder into the matching NNX model.
+
+    ``dtype`` sets compute and parameter dtype (default: the checkpoint's ``dtype`` /
+    ``torch_dtype``, else float32); ``param_dtype`` overrides the storage dtype alone
+    (e.g. ``dtype=jnp.bfloat16, param_dtype=jnp.float32`` for mixed precision). With a
+    ``mesh`` each tensor goes straight onto its sharding. Extra keyword arguments
+    override config fields (e.g. ``remat="full"``).
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    fam = family_of_hf(hf, path)
+    dt = jnp.dtype(dtype).name if dtype is not None else _dtype_from_hf(hf)
+    pdt = jnp.dtype(param_dtype).name if param_dtype is not None else dt
+    cfg = fam.config_from_hf(hf, dtype=dt, param_dtype=pdt, **config_overrides)
+    folder = SafetensorsFolder(path)
+    abstract = nnx.eval_shape(lambda: fam.build(cfg, nnx.Rngs(0)))
+    return load_state(abstract, folder, fam.keymap, fam.optional(cfg), mesh, progress)
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def torch_tensors(model: nnx.Module, keymap: KeyMap) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(torch_key, host array)`` for every parameter, one at a time."""
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        ours = path_str(p)
+        m = keymap.to_torch(ours)
+        if m is None:
+            raise ConversionError(f"Parameter {ours} has no rule in the conversion table.")
+        key, rule = m
+        yield key, ours_to_torch(rule, _host(var.get_value()))
+
+
+def _parse_size(s: int | str) -> int:
+    if isinstance(s, int):
+        return s
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = s.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * units[u])
+    return int(s)
+
+
+class AtomicFolder:
+    """Writes files into a temporary sibling folder and moves them into ``path`` at the end.
+
+    ``path`` may not exist yet, or be empty; if it holds files, ``overwrite=True`` is
+    needed and only the files this writer produces are replaced (nothing else is
+    deleted). On an exception the temporary folder is removed and ``path`` is untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path} exists and is not a folder.")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{self.path} is not empty; choose a new folder or pass overwrite=True (--overwrite) to "
+                "replace the files this conversion writes."
+            )
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if not self.path.exists():
+            os.replace(self.tmp, self.path)
+            return False
+        for f in self.tmp.iterdir():
+            os.replace(f, self.path / f.name)
+        self.tmp.rmdir()
+        return False
+
+
+def write_safetensors(
+    tensors: Iterator[tuple[str, np.ndarray]], out: Path, max_shard_size: int | str = "5GB", total: int | None = None,
+    progress: bool = True,
+) -> None:
+    """Writes ``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``
+    when the tensors exceed ``max_shard_size``. Holds at most one shard in host memory."""
+    limit = _parse_size(max_shard_size)
+    shards: list[list[str]] = []
+    current: dict[str, np.ndarray] = {}
+    size, total_size, weight_map, names = 0, 0, {}, []
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"shard-{len(names):05d}.safetensors"
+            save_file(current, out / name, metadata={"format": "pt"})
+            names.append(name)
+            shards.append(list(current))
+            current, size = {}, 0
+
+    for key, arr in tqdm(tensors, total=total, desc="writing", disable=not progress, unit="tensor", leave=False):
+        if key in weight_map or key in current:
+            raise ConversionError(f"Two parameters map to the same torch key {key}.")
+        if current and size + arr.nbytes > limit:
+            flush()
+        current[key] = arr
+        size += arr.nbytes
+        total_size += arr.nbytes
+    flush()
+    if len(names) <= 1:
+        if names:
+            os.replace(out / names[0], out / SAFE_SINGLE)
+        else:
+            save_file({}, out / SAFE_SINGLE, metadata={"format": "pt"})
+        return
+    final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
+    for tmp, name, keys in zip(names, final, shards):
+        os.replace(out / tmp, out / name)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def to_hf(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Writes ``model`` as a Hugging Face folder (``config.json``, ``generation_config.json``,
+    safetensors) that ``transformers``' ``from_pretrained`` loads. Only process 0 writes."""
+    import transformers
+
+    cfg = model.config
+    fam = family_of_config(cfg)
+    n = len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = torch_tensors(model, fam.keymap)
+    if jax.process_index() != 0:
+        for _ in tensors:  # take part in the collective gathers, write nothing
+            pass
+        return Path(path)
+    with AtomicFolder(path, overwrite) as tmp:
+        hf_cfg = getattr(transformers, fam.hf_config_class)(**fam.config_to_hf(cfg))
+        hf_cfg.save_pretrained(tmp)
+        gen = transformers.GenerationConfig(
+            bos_token_id=cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=cfg.pad_token_id
+        )
+        gen.save_pretrained(tmp)
+        write_safetensors(tensors, tmp, max_shard_size, total=n, progress=progress)
+    return Path(path)

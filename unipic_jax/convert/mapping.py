@@ -1,0 +1,94 @@
+"""Bidirectional key-mapping tables between PyTorch state dicts and NNX states.
+
+A table is a sequence of :class:`Rule`. Each rule pairs a PyTorch key template with an
+NNX path template (dotted; ``{}`` stands for a layer index) and says how the tensor
+changes on the way:
+
+``copy``     same shape and layout.
+``linear``   a ``torch.nn.Linear`` weight ``(out, in)`` ↔ our kernel ``(*in_dims, *out_dims)``
+             (transpose, then split the flat axes; ``in_ndim`` says how many leading axes
+             of our kernel are input axes, e.g. 2 for ``o_proj (H, hd, D)``).
+``flatten``  a flat PyTorch vector ↔ our multi-axis tensor (e.g. a bias ``(H·hd,)`` ↔ ``(H, hd)``).
+
+Templates compile to anchored regular expressions both ways, so every key maps in both
+directions from one line of the table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Rule(NamedTuple):
+    torch: str
+    ours: str
+    kind: str = "copy"  # copy | linear | flatten
+    in_ndim: int = 1
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = template.split("{}")
+    return re.compile(r"(\d+)".join(re.escape(p) for p in parts) + r"\Z")
+
+
+class KeyMap:
+    """A compiled table. ``to_ours(key)`` / ``to_torch(path)`` return ``(mapped, rule)`` or ``None``."""
+
+    def __init__(self, rules: Sequence[Rule], ignore_torch: Sequence[str] = ()):
+        for r in rules:
+            if r.kind not in ("copy", "linear", "flatten"):
+                raise ValueError(f"Unknown rule kind {r.kind!r} in {r}")
+        self.rules = tuple(rules)
+        self._torch = [(_compile(r.torch), r) for r in rules]
+        self._ours = [(_compile(r.ours), r) for r in rules]
+        self._ignore = [re.compile(p) for p in ignore_torch]
+
+    def ignored(self, torch_key: str) -> bool:
+        return any(p.fullmatch(torch_key) for p in self._ignore)
+
+    def to_ours(self, torch_key: str) -> tuple[str, Rule] | None:
+        for pat, r in self._torch:
+            if m := pat.match(torch_key):
+                return r.ours.format(*m.groups()), r
+        return None
+
+    def to_torch(self, our_path: str) -> tuple[str, Rule] | None:
+        for pat, r in self._ours:
+            if m := pat.match(our_path):
+                return r.torch.format(*m.groups()), r
+        return None
+
+
+def torch_shape(rule: Rule, our_shape: Sequence[int]) -> tuple[int, ...]:
+    """The PyTorch tensor shape that corresponds to our parameter shape under ``rule``."""
+    our_shape = tuple(our_shape)
+    if rule.kind == "copy":
+        return our_shape
+    if rule.kind == "flatten":
+        return (math.prod(our_shape),)
+    n = rule.in_ndim
+    return (math.prod(our_shape[n:]), math.prod(our_shape[:n]))
+
+
+def torch_to_ours(rule: Rule, x: np.ndarray, our_shape: Sequence[int]) -> np.ndarray:
+    if rule.kind == "linear":
+        x = x.T
+    return np.ascontiguousarray(x.reshape(tuple(our_shape)))
+
+
+def ours_to_torch(rule: Rule, x: np.ndarray) -> np.ndarray:
+    if rule.kind == "copy":
+        return np.ascontiguousarray(x)
+    if rule.kind == "flatten":
+        return np.ascontiguousarray(x.reshape(-1))
+    return np.ascontiguousarray(x.reshape(math.prod(x.shape[: rule.in_ndim]), -1).T)
+
+
+def path_str(path: Sequence) -> str:
+    """NNX flat-state path tuple → dotted string (``('layers', 0, 'attn')`` → ``layers.0.attn``)."""
+    return ".".join(str(p) for p in path)

@@ -1,0 +1,1 @@
+"""Model parts, one file each: ``qwen2`` (the LLM), ``layers`` (shared blocks)."""

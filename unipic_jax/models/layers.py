@@ -1,0 +1,130 @@
+"""Building blocks shared by every model: parameters with logical sharding, a dense
+layer over grouped axes, RMSNorm, rotary embeddings and the one attention function.
+
+Layouts: activations are ``(batch, length, ...)``; attention tensors are
+``(B, T, heads, head_dim)`` (the layout ``jax.nn.dot_product_attention`` takes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    """An ``nnx.Param`` annotated with logical axis names (see ``unipic_jax.sharding``).
+
+    Eager sharding is off: placement happens in ``sharding.create_sharded`` /
+    ``shard_module`` so the same module code runs with and without a mesh.
+    """
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
+    return nnx.Param(
+        init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(logical_axes), eager_sharding=False
+    )
+
+
+class Dense(nnx.Module):
+    """``y = x · W + b`` contracting the last ``len(in_features)`` axes of ``x``.
+
+    ``kernel``: ``(*in_features, *out_features)``; ``bias``: ``out_features``. Keeping the
+    head axis separate (e.g. ``(embed, heads, head_dim)``) lets tensor parallelism split
+    heads. Computation happens in ``dtype``; parameters are stored in ``param_dtype``.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        in_axes: Sequence[str | None],
+        out_axes: Sequence[str | None],
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
+        self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        self.dtype = dtype
+        kernel_init = kernel_init or jax.nn.initializers.lecun_normal(
+            in_axis=tuple(range(len(self.in_features))),
+            out_axis=tuple(range(len(self.in_features), len(self.in_features) + len(self.out_features))),
+        )
+        self.kernel = param(
+            rngs, kernel_init, self.in_features + self.out_features, tuple(in_axes) + tuple(out_axes), param_dtype
+        )
+        self.bias = (
+            param(rngs, jax.nn.initializers.zeros, self.out_features, tuple(out_axes), param_dtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        if x.shape[x.ndim - n_in :] != self.in_features:
+            raise ValueError(f"Dense expects trailing dims {self.in_features}, got input of shape {x.shape}")
+        batch = x.shape[: x.ndim - n_in]
+        k = self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_features), -1)
+        y = x.astype(self.dtype).reshape(*batch, -1) @ k
+        y = y.reshape(*batch, *self.out_features)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """``y = scale · x / sqrt(mean(x²) + eps)``, normalised in float32 then cast back
+    to the compute dtype before the scale (as transformers' Qwen2RMSNorm does)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_sin_cos(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for integer ``positions (B, T)``: ``sin, cos`` of shape ``(B, T, head_dim)``.
+
+    Frequencies ``θ^(-2i/d)`` for ``i < d/2``, duplicated across the two halves
+    (the half-split layout of transformers' ``rotate_half``). Float32.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.sin(emb), jnp.cos(emb)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """``x · cos + rotate_half(x) · sin`` with ``rotate_half([a, b]) = [-b, a]``; ``x (B, T, N, D)``."""
+    sin, cos = sin[:, :, None, :].astype(x.dtype), cos[:, :, None, :].astype(x.dtype)
+    a, b = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-b, a], axis=-1) * sin
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention with grouped KV heads, the project's only attention.
+
+    ``q (B, T, N, D)``, ``k, v (B, S, K, D)`` with ``N % K == 0``; ``mask`` is a boolean
+    ``(B, 1, T, S)`` (True = attend) or ``None``. Logits and softmax run in float32;
+    a fully masked row gives a uniform average rather than NaN. Returns ``(B, T, N, D)``.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)

@@ -1,0 +1,248 @@
+"""The one place that knows about device meshes.
+
+Mesh axes (always these three, in this order):
+
+  ``data``    pure data parallelism: the batch is split, parameters are replicated.
+  ``fsdp``    fully-sharded data parallelism: the batch is split AND parameters /
+              optimizer state are sharded over this axis (gathered per layer by XLA).
+  ``tensor``  tensor (model) parallelism: attention heads and MLP width are split.
+
+Modules never name mesh axes. They annotate parameters with *logical* axis names
+(``nnx.Param(..., out_sharding=("embed", "heads", "head_dim"))``) and constrain
+activations with :func:`constrain` (``constrain(x, ("batch", "length", "embed"))``).
+:data:`LOGICAL_RULES` maps logical names to mesh axes. A logical dimension whose
+size is not divisible by its mesh axes is replicated instead (so a tiny model with
+3 KV heads still runs on ``tensor=2``); a mesh axis is used at most once per array.
+
+Typical use::
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=-1, tensor=1))
+    model = sharding.create_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        logits = model(tokens)
+
+On a multi-host pod call :func:`initialize_distributed` first (before any other
+JAX call); everything else is the same on one host and many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes. The first rule for a name wins.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the three mesh axes; exactly one may be -1 (takes the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @classmethod
+    def from_any(cls, cfg: "MeshConfig | Mapping[str, int] | None") -> "MeshConfig":
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, MeshConfig):
+            return cfg
+        unknown = set(cfg) - set(AXES)
+        if unknown:
+            raise ValueError(f"Unknown mesh axes {sorted(unknown)}; the axes are {AXES}.")
+        return cls(**{k: int(v) for k, v in cfg.items()})
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """Resolves -1 and checks that the product equals ``num_devices``."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"Mesh axis sizes must be positive or -1, got {self}.")
+        if sizes.count(-1) > 1:
+            raise ValueError(f"At most one mesh axis may be -1, got {self}.")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"Cannot fill the -1 axis of {self}: {num_devices} devices are not "
+                    f"divisible by the product of the other axes ({known})."
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"Mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
+                f"{num_devices} are available; use -1 for one axis to take the rest."
+            )
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def initialize_distributed(**kwargs: Any) -> None:
+    """Calls ``jax.distributed.initialize`` once, when running on several hosts.
+
+    On Cloud TPU pods and under SLURM/Open MPI JAX discovers the coordinator by
+    itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` (or pass them as keyword arguments). A single-host run with
+    none of these set is left alone.
+    """
+    if jax.distributed.is_initialized():
+        return
+    multi_host_env = any(
+        k in os.environ
+        for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+    )
+    if kwargs or multi_host_env:
+        jax.distributed.initialize(**kwargs)
+        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def make_mesh(
+    cfg: MeshConfig | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Builds the ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices, all hosts).
+
+    Axes are ``AxisType.Auto`` so that :func:`constrain` and GSPMD propagation work.
+    """
+    cfg = MeshConfig.from_any(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.shape(len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def _rule(name: str | None, rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    raise KeyError(f"Logical axis {name!r} has no rule in LOGICAL_RULES; add one to unipic_jax/sharding.py.")
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | jax.sharding.AbstractMesh | None = None,
+    rules=LOGICAL_RULES,
+) -> PartitionSpec:
+    """Maps logical axis names to a ``PartitionSpec``.
+
+    With ``shape`` and ``mesh`` given, mesh axes that do not divide the dimension (or
+    that are absent from the mesh) are dropped, so the dimension is replicated.
+    """
+    if shape is not None and len(shape) != len(logical_axes):
+        raise ValueError(f"Logical axes {tuple(logical_axes)} do not match an array of shape {tuple(shape)}.")
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(logical_axes):
+        axes = [a for a in _rule(name, rules) if a not in used]
+        if mesh is not None:
+            sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+            axes = [a for a in axes if a in sizes]
+            if shape is not None:
+                # keep the longest prefix of axes whose product divides the dimension
+                kept = []
+                for a in axes:
+                    if shape[i] % (math.prod(sizes[b] for b in kept) * sizes[a]) == 0:
+                        kept.append(a)
+                    else:
+                        break
+                axes = kept
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*out)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """The ``NamedSharding`` of one (possibly abstract) variable from its logical annotation."""
+    names = var.get_metadata().get("out_sharding")
+    shape = var.get_value().shape
+    if not names:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A state-shaped tree of ``NamedSharding`` (Variables kept as containers)."""
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
+
+
+def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """Runs ``ctor`` under ``jit`` with sharded outputs: no parameter ever exists unsharded."""
+    abstract = nnx.eval_shape(ctor)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh)
+
+    @jax.jit
+    def init():
+        _, state = nnx.split(ctor())
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    with jax.set_mesh(mesh):
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
+def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Moves an existing module's state onto ``mesh`` (in place), following its annotations."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, state_shardings(state, mesh)))
+    return module
+
+
+def put(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Places a host array on ``sharding``; each process copies only the shards it addresses."""
+    if sharding is None:
+        return jax.numpy.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a module's (or pytree's) arrays live on, or ``None`` if they are unsharded."""
+    for leaf in jax.tree.leaves(nnx.state(tree) if isinstance(tree, nnx.Module) else tree):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
