@@ -33,3 +33,21 @@ def make_hf_qwen2(path, *, seed=0, dtype=None, max_shard_size=None, **overrides)
 
 def rand_ids(shape, vocab, seed=0, low=3):
     return np.random.RandomState(seed).randint(low, vocab, shape).astype(np.int32)
+
+
+def read_all(path):
+    """Every tensor of a Hugging Face folder, by key."""
+    from unipic_jax.convert.hf import SafetensorsFolder
+
+    folder = SafetensorsFolder(path)
+    return dict(folder.tensors(folder.keys()))
+
+
+def assert_same_tensors(a, b):
+    """The two folders hold the same keys with bit-identical tensors."""
+    ta, tb = read_all(a), read_all(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k
+        assert ta[k].shape == tb[k].shape, k
+        assert ta[k].tobytes() == tb[k].tobytes(), k

@@ -13,25 +13,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from helpers import rand_ids
+from helpers import assert_same_tensors, rand_ids, read_all
 from unipic_jax import convert, sharding
-from unipic_jax.convert.hf import ConversionError, SafetensorsFolder
+from unipic_jax.convert.hf import ConversionError
 from unipic_jax.convert.mapping import KeyMap, path_str
 from unipic_jax.models import qwen2
-
-
-def read_all(path):
-    folder = SafetensorsFolder(path)
-    return dict(folder.tensors(folder.keys()))
-
-
-def assert_same_tensors(a, b):
-    ta, tb = read_all(a), read_all(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype, k
-        assert ta[k].shape == tb[k].shape, k
-        assert ta[k].tobytes() == tb[k].tobytes(), k
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_word_embeddings=False, num_key_value_heads=1)])
