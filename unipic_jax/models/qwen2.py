@@ -307,10 +307,9 @@ class Qwen2(nnx.Module):
         inputs_embeds: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
-        hidden, _ = self.hidden_states(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids
-        )
-        return self.logits(hidden)
+        """Logits ``(B, T, V)`` float32 (one compiled function per input shape)."""
+        graphdef, state = nnx.split(self)
+        return _on_mesh(state, _forward, graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -357,13 +356,26 @@ class Qwen2(nnx.Module):
         pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
         graphdef, state = nnx.split(self)
-        mesh = sharding.mesh_of(state)
-        args = (graphdef, state, input_ids, attention_mask, rng, jnp.float32(temperature), jnp.float32(top_p))
-        kw = dict(max_new_tokens=max_new_tokens, greedy=greedy, eos=eos, pad=int(pad))
-        if mesh is not None and jax.sharding.get_abstract_mesh().empty:
-            with jax.set_mesh(mesh):
-                return _generate(*args, **kw)
-        return _generate(*args, **kw)
+        fn = functools.partial(_generate, max_new_tokens=max_new_tokens, greedy=greedy, eos=eos, pad=int(pad))
+        return _on_mesh(
+            state, fn, graphdef, state, input_ids, attention_mask, rng, jnp.float32(temperature), jnp.float32(top_p)
+        )
+
+
+def _on_mesh(state, fn, *args):
+    """Calls ``fn`` inside the mesh the parameters live on (unless a mesh is already set)."""
+    mesh = sharding.mesh_of(state)
+    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return fn(*args)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids):
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids)
+    return model.logits(hidden)
 
 
 def sample_token(logits: jax.Array, rng, temperature, top_p, greedy: bool) -> jax.Array:
