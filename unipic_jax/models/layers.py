@@ -127,4 +127,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     ``(B, 1, T, S)`` (True = attend) or ``None``. Logits and softmax run in float32;
     a fully masked row gives a uniform average rather than NaN. Returns ``(B, T, N, D)``.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    if N % K:
+        raise ValueError(f"{N} query heads cannot share {K} key/value heads")
+    q = q.reshape(B, T, K, N // K, D)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (D**-0.5)
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, N, D)
