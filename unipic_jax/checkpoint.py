@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.convert.hf import _families
+from unipic_jax.convert.hf import families, family_of_config
 
 CONFIG = "config.json"
 PARAMS = "params"
@@ -35,17 +35,10 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or does not match."""
 
 
-def _family(cfg):
-    for name, fam in _families().items():
-        if isinstance(cfg, fam.config_type):
-            return name, fam
-    raise CheckpointError(f"No model family is registered for config type {type(cfg).__name__}")
-
-
 def save_model(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool = False) -> Path:
     """Saves ``model``'s parameters and config under ``path`` (see the module docstring)."""
     path = Path(path).absolute()
-    name, _ = _family(model.config)
+    name = family_of_config(model.config).name
     if (path / CONFIG).exists() or (path / PARAMS).exists():
         if not overwrite:
             raise FileExistsError(f"{path} already holds a checkpoint; pass overwrite=True to replace it.")
@@ -67,7 +60,7 @@ def read_config(path: str | os.PathLike, **overrides) -> Any:
         hint = " (params/ exists: the save was interrupted before it finished)" if (path / PARAMS).exists() else ""
         raise CheckpointError(f"{path} is not a unipic-jax model checkpoint: no {CONFIG}{hint}.")
     meta = json.loads((path / CONFIG).read_text())
-    fams = _families()
+    fams = families()
     if meta.get("family") not in fams:
         raise CheckpointError(f"{path}/{CONFIG} names family {meta.get('family')!r}; known: {sorted(fams)}")
     cfg_type = fams[meta["family"]].config_type
@@ -91,7 +84,7 @@ def load_model(
     if dtype is not None:
         overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
     cfg = read_config(path, **overrides)
-    _, fam = _family(cfg)
+    fam = family_of_config(cfg)
     abstract = nnx.eval_shape(lambda: fam.build(cfg, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

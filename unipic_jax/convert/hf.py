@@ -55,7 +55,7 @@ class Family:
     hf_config_class: str = ""
 
 
-def _families() -> dict[str, Family]:
+def families() -> dict[str, Family]:
     from unipic_jax.models import qwen2
 
     return {
@@ -74,7 +74,7 @@ def _families() -> dict[str, Family]:
 
 
 def family_of_config(cfg: Any) -> Family:
-    for fam in _families().values():
+    for fam in families().values():
         if isinstance(cfg, fam.config_type):
             return fam
     raise ConversionError(f"No Hugging Face conversion is registered for config type {type(cfg).__name__}")
@@ -82,10 +82,10 @@ def family_of_config(cfg: Any) -> Family:
 
 def family_of_hf(hf_config: dict, path: Path) -> Family:
     mt = hf_config.get("model_type")
-    for fam in _families().values():
+    for fam in families().values():
         if mt in fam.model_types:
             return fam
-    known = sorted(t for f in _families().values() for t in f.model_types)
+    known = sorted(t for f in families().values() for t in f.model_types)
     raise ConversionError(f"{path}/config.json has model_type={mt!r}; supported model types: {known}")
 
 

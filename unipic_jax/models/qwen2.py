@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unipic_jax import sharding
+from unipic_jax.convert.mapping import Rule
 from unipic_jax.models.layers import Dense, RMSNorm, apply_rope, attention, param, rope_sin_cos
 
 
@@ -409,13 +410,13 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, temperature, top_
     next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # position of the first new token
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
-    def pick(i, logits, done, rng):
+    def pick(logits, done, rng):
         rng, sub = jax.random.split(rng)
         tok = sample_token(logits, sub, temperature, top_p, greedy)
         tok = jnp.where(done, pad, tok)
         return tok, done | jnp.isin(tok, eos_arr), rng
 
-    tok, done, rng = pick(0, logits, jnp.zeros((B,), bool), rng)
+    tok, done, rng = pick(logits, jnp.zeros((B,), bool), rng)
     out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)
 
     def cond(carry):
@@ -427,7 +428,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, temperature, top_
         hidden, cache = model.hidden_states(
             tok[:, None], jnp.ones((B, 1), bool), position_ids=pos[:, None], cache=cache, write_index=T + i - 1
         )
-        tok, done, rng = pick(i, model.logits(hidden[:, 0]), done, rng)
+        tok, done, rng = pick(model.logits(hidden[:, 0]), done, rng)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
         return i + 1, tok, out, cache, done, pos + 1, rng
 
@@ -443,8 +444,6 @@ def init(cfg: Qwen2Config, seed: int = 0, mesh: Any = None) -> Qwen2:
 
 
 # -- conversion table (transformers Qwen2ForCausalLM <-> ours) ------------------------------
-
-from unipic_jax.convert.mapping import Rule  # noqa: E402
 
 HF_RULES = (
     Rule("model.embed_tokens.weight", "embedder.embedding"),
