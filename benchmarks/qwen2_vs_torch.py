@@ -9,6 +9,10 @@ Decode tokens/s = ``new`` tokens / (time to generate ``new + 1`` tokens − time
 generate 1 token), i.e. the cost of the decode steps alone; both stop only at the length
 (no EOS). Each figure is the median of ``--repeats`` timed runs after a warm-up (which,
 for JAX, includes compilation; compile times are printed separately).
+
+It also prints the memory-bandwidth floor of batch-1 decoding: each decode step reads
+every weight once, so no float32 implementation can beat ``bandwidth / weight bytes``
+tokens/s; the bandwidth is measured with a GEMV over as many bytes as the model has.
 """
 
 from __future__ import annotations
@@ -124,6 +128,17 @@ def main():
         full = median_time(gen(args.new + 1), args.repeats)
         results[f"{name}_decode_tok_s"] = args.batch * args.new / max(full - one, 1e-9)
 
+    # The floor for batch-1 decode: every step reads every weight once. Time a GEMV over
+    # as many float32 bytes as the model has (best of a few) to get this machine's bandwidth.
+    weights = jnp.zeros((args.hidden, n_params // args.hidden), jnp.float32)
+    gemv = jax.jit(lambda x, w: x @ w)
+    x = jnp.ones((1, args.hidden), jnp.float32)
+    gemv(x, weights).block_until_ready()
+    t_gemv = min(median_time(lambda: gemv(x, weights).block_until_ready(), 3) for _ in range(3))
+    results["bandwidth_GBps"] = weights.nbytes / t_gemv / 1e9
+    results["decode_floor_tok_s"] = args.batch / t_gemv
+    del weights
+
     prefill_speedup = results["torch_prefill_s"] / results["jax_prefill_s"]
     decode_speedup = results["jax_decode_tok_s"] / results["torch_decode_tok_s"]
     results.update(prefill_speedup=prefill_speedup, decode_speedup=decode_speedup)
@@ -134,6 +149,9 @@ def main():
         print(f"{name:10s}{results[f'{name}_prefill_s']:14.4f}{results[f'{name}_decode_tok_s']:16.1f}")
     print(f"ratios: prefill torch/jax = {prefill_speedup:.2f}x (target >= 1), "
           f"decode jax/torch = {decode_speedup:.2f}x (target >= 2)")
+    print(f"memory-bandwidth floor: {n_params * 4 / 1e6:.0f} MB of weights per step at "
+          f"{results['bandwidth_GBps']:.1f} GB/s -> at most {results['decode_floor_tok_s']:.1f} tok/s for any "
+          f"float32 implementation ({results['decode_floor_tok_s'] / results['torch_decode_tok_s']:.2f}x torch)")
     print(f"jax compile: prefill {results['jax_prefill_compile_s']:.1f}s, "
           f"generate {results['jax_generate_compile_s']:.1f}s; greedy tokens match: {same}")
     if args.json:
