@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from helpers import assert_same_tensors, rand_ids
 from unipic_jax import checkpoint, convert, sharding
@@ -30,17 +31,11 @@ def test_save_and_restore_onto_a_mesh(tmp_path):
     assert back.config == cfg
     a, b = params(model), params(back)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert back.layers[0].mlp.up_proj.kernel[...].sharding.spec == jax_spec("fsdp", "tensor")
+    assert back.layers[0].mlp.up_proj.kernel[...].sharding.spec == P("tensor", "fsdp")
     bf = checkpoint.load_model(tmp_path / "ck", dtype=jnp.bfloat16)
     assert bf.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16 and bf.config.dtype == "bfloat16"
     with pytest.raises(FileExistsError, match="already holds"):
         checkpoint.save_model(tmp_path / "ck", model)
-
-
-def jax_spec(*a):
-    from jax.sharding import PartitionSpec
-
-    return PartitionSpec(*a)
 
 
 def test_incomplete_and_corrupt_checkpoints_are_reported(tmp_path):

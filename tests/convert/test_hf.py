@@ -165,4 +165,4 @@ def test_placed_arrays_use_the_mesh_without_a_host_copy_of_the_model(hf_qwen2):
         arr = v[...]
         assert isinstance(arr, jax.Array) and arr.sharding.mesh == mesh, p
     k = model.layers[0].attn.k_proj.kernel[...]
-    assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert k.sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")  # (kv_heads, head_dim, embed)

@@ -169,8 +169,9 @@ def test_mesh_forward_and_generate_match_single_device(hf_qwen2, axes):
     mesh = sharding.make_mesh(axes)
     sharded = convert.from_hf(path, mesh=mesh, progress=False)
     q = sharded.layers[0].attn.q_proj.kernel[...]
-    assert q.sharding.spec == sharding.logical_to_spec(("embed", "heads", "head_dim"), q.shape, mesh)
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[0] == 64 // axes["fsdp"]
+    assert q.shape == (4, 16, 64)  # (heads, head_dim, embed)
+    assert q.sharding.spec == sharding.logical_to_spec(("heads", "head_dim", "embed"), q.shape, mesh)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[2] == 64 // axes["fsdp"]
     ids, mask = right_padded(256, seed=4)
     ids, mask = np.concatenate([ids, ids[::-1]]), np.concatenate([mask, mask[::-1]])  # batch 6 -> 8 below
     ids, mask = np.concatenate([ids, ids[:2]]), np.concatenate([mask, mask[:2]])

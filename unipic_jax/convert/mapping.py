@@ -5,10 +5,12 @@ NNX path template (dotted; ``{}`` stands for a layer index) and says how the ten
 changes on the way:
 
 ``copy``     same shape and layout.
-``linear``   a ``torch.nn.Linear`` weight ``(out, in)`` ↔ our kernel ``(*in_dims, *out_dims)``
-             (transpose, then split the flat axes; ``in_ndim`` says how many leading axes
-             of our kernel are input axes, e.g. 2 for ``o_proj (H, hd, D)``).
-``flatten``  a flat PyTorch vector ↔ our multi-axis tensor (e.g. a bias ``(H·hd,)`` ↔ ``(H, hd)``).
+``reshape``  same memory order, axes split or merged: the first ``split`` axes of our
+             tensor merge into PyTorch's first axis and the rest into its second (if any).
+             Our kernels use PyTorch's ``nn.Linear`` layout ``(out, in)`` with head axes
+             split out, so e.g. ``q_proj`` ``(H·hd, D)`` ↔ ``(H, hd, D)`` is ``split=2``, a
+             bias ``(H·hd,)`` ↔ ``(H, hd)`` is ``split=2`` and ``o_proj`` ``(D, H·hd)`` ↔
+             ``(D, H, hd)`` is ``split=1``. No tensor is ever transposed.
 
 Templates compile to anchored regular expressions both ways, so every key maps in both
 directions from one line of the table.
@@ -27,8 +29,8 @@ import numpy as np
 class Rule(NamedTuple):
     torch: str
     ours: str
-    kind: str = "copy"  # copy | linear | flatten
-    in_ndim: int = 1
+    kind: str = "copy"  # copy | reshape
+    split: int = 1  # reshape: how many of our leading axes form PyTorch's first axis
 
 
 def _compile(template: str) -> re.Pattern:
@@ -41,7 +43,7 @@ class KeyMap:
 
     def __init__(self, rules: Sequence[Rule], ignore_torch: Sequence[str] = ()):
         for r in rules:
-            if r.kind not in ("copy", "linear", "flatten"):
+            if r.kind not in ("copy", "reshape"):
                 raise ValueError(f"Unknown rule kind {r.kind!r} in {r}")
         self.rules = tuple(rules)
         self._torch = [(_compile(r.torch), r) for r in rules]
@@ -69,24 +71,16 @@ def torch_shape(rule: Rule, our_shape: Sequence[int]) -> tuple[int, ...]:
     our_shape = tuple(our_shape)
     if rule.kind == "copy":
         return our_shape
-    if rule.kind == "flatten":
-        return (math.prod(our_shape),)
-    n = rule.in_ndim
-    return (math.prod(our_shape[n:]), math.prod(our_shape[:n]))
+    head, tail = our_shape[: rule.split], our_shape[rule.split :]
+    return (math.prod(head),) + ((math.prod(tail),) if tail else ())
 
 
 def torch_to_ours(rule: Rule, x: np.ndarray, our_shape: Sequence[int]) -> np.ndarray:
-    if rule.kind == "linear":
-        x = x.T
-    return np.ascontiguousarray(x.reshape(tuple(our_shape)))
+    return x.reshape(tuple(our_shape))
 
 
 def ours_to_torch(rule: Rule, x: np.ndarray) -> np.ndarray:
-    if rule.kind == "copy":
-        return np.ascontiguousarray(x)
-    if rule.kind == "flatten":
-        return np.ascontiguousarray(x.reshape(-1))
-    return np.ascontiguousarray(x.reshape(math.prod(x.shape[: rule.in_ndim]), -1).T)
+    return x.reshape(torch_shape(rule, x.shape))
 
 
 def path_str(path: Sequence) -> str:

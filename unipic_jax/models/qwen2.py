@@ -9,15 +9,16 @@ with RMSNorm ``n1, n2``, grouped-query attention (``num_heads`` queries share
 ``num_kv_heads`` key/value heads), biases on q/k/v only, RoPE with base ``rope_theta``
 in transformers' half-split layout. Logits = ``final_norm(x) · E^T`` (tied) or ``· lm_head``.
 
-Parameter layouts (ours ← transformers):
+Parameter layouts (ours ← transformers; kernels are ``(out, in)`` as in ``nn.Linear``,
+with head axes split out, so conversion only reshapes):
 
     embedder.embedding        (V, D)       ← model.embed_tokens.weight (V, D)
-    layers.i.attn.q_proj      (D, H, hd)   ← self_attn.q_proj.weight (H·hd, D)ᵀ, bias (H·hd,)
-    layers.i.attn.k_proj/v    (D, K, hd)   ← self_attn.{k,v}_proj
-    layers.i.attn.o_proj      (H, hd, D)   ← self_attn.o_proj.weight (D, H·hd)ᵀ
-    layers.i.mlp.{gate,up}    (D, F)       ← mlp.{gate,up}_proj.weight (F, D)ᵀ
-    layers.i.mlp.down         (F, D)       ← mlp.down_proj.weight (D, F)ᵀ
-    lm_head.kernel            (D, V)       ← lm_head.weight (V, D)ᵀ  (untied models only)
+    layers.i.attn.q_proj      (H, hd, D)   ← self_attn.q_proj.weight (H·hd, D), bias (H·hd,) → (H, hd)
+    layers.i.attn.k_proj/v    (K, hd, D)   ← self_attn.{k,v}_proj
+    layers.i.attn.o_proj      (D, H, hd)   ← self_attn.o_proj.weight (D, H·hd)
+    layers.i.mlp.{gate,up}    (F, D)       ← mlp.{gate,up}_proj.weight (F, D)
+    layers.i.mlp.down         (D, F)       ← mlp.down_proj.weight (D, F)
+    lm_head.kernel            (V, D)       ← lm_head.weight (V, D)  (untied models only)
 
 Positions are ``cumsum(attention_mask) - 1`` so padding (left or right) never shifts
 them. The KV cache is a plain pytree :class:`KVCache` of fixed size; ``generate`` runs
@@ -239,7 +240,7 @@ class Qwen2(nnx.Module):
         if self.lm_head is None:
             return self.embedder.attend(hidden)
         k = self.lm_head.kernel[...].astype(self.config.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, k, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", hidden, k, preferred_element_type=jnp.float32)
 
     def hidden_states(
         self,
@@ -449,18 +450,18 @@ HF_RULES = (
     Rule("model.embed_tokens.weight", "embedder.embedding"),
     Rule("model.layers.{}.input_layernorm.weight", "layers.{}.input_norm.scale"),
     Rule("model.layers.{}.post_attention_layernorm.weight", "layers.{}.post_attn_norm.scale"),
-    Rule("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attn.q_proj.kernel", "linear"),
-    Rule("model.layers.{}.self_attn.q_proj.bias", "layers.{}.attn.q_proj.bias", "flatten"),
-    Rule("model.layers.{}.self_attn.k_proj.weight", "layers.{}.attn.k_proj.kernel", "linear"),
-    Rule("model.layers.{}.self_attn.k_proj.bias", "layers.{}.attn.k_proj.bias", "flatten"),
-    Rule("model.layers.{}.self_attn.v_proj.weight", "layers.{}.attn.v_proj.kernel", "linear"),
-    Rule("model.layers.{}.self_attn.v_proj.bias", "layers.{}.attn.v_proj.bias", "flatten"),
-    Rule("model.layers.{}.self_attn.o_proj.weight", "layers.{}.attn.o_proj.kernel", "linear", 2),
-    Rule("model.layers.{}.mlp.gate_proj.weight", "layers.{}.mlp.gate_proj.kernel", "linear"),
-    Rule("model.layers.{}.mlp.up_proj.weight", "layers.{}.mlp.up_proj.kernel", "linear"),
-    Rule("model.layers.{}.mlp.down_proj.weight", "layers.{}.mlp.down_proj.kernel", "linear"),
+    Rule("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attn.q_proj.kernel", "reshape", 2),
+    Rule("model.layers.{}.self_attn.q_proj.bias", "layers.{}.attn.q_proj.bias", "reshape", 2),
+    Rule("model.layers.{}.self_attn.k_proj.weight", "layers.{}.attn.k_proj.kernel", "reshape", 2),
+    Rule("model.layers.{}.self_attn.k_proj.bias", "layers.{}.attn.k_proj.bias", "reshape", 2),
+    Rule("model.layers.{}.self_attn.v_proj.weight", "layers.{}.attn.v_proj.kernel", "reshape", 2),
+    Rule("model.layers.{}.self_attn.v_proj.bias", "layers.{}.attn.v_proj.bias", "reshape", 2),
+    Rule("model.layers.{}.self_attn.o_proj.weight", "layers.{}.attn.o_proj.kernel", "reshape", 1),
+    Rule("model.layers.{}.mlp.gate_proj.weight", "layers.{}.mlp.gate_proj.kernel"),
+    Rule("model.layers.{}.mlp.up_proj.weight", "layers.{}.mlp.up_proj.kernel"),
+    Rule("model.layers.{}.mlp.down_proj.weight", "layers.{}.mlp.down_proj.kernel"),
     Rule("model.norm.weight", "final_norm.scale"),
-    Rule("lm_head.weight", "lm_head.kernel", "linear"),
+    Rule("lm_head.weight", "lm_head.kernel"),
 )
 # Keys some checkpoints carry that hold no weights of their own (rotary buffers).
 HF_IGNORED = (r".*rotary_emb\.inv_freq",)
