@@ -8,7 +8,8 @@ same number of threads. Prefill = one forward pass over the prompt returning all
 Decode tokens/s = ``new`` tokens / (time to generate ``new + 1`` tokens − time to
 generate 1 token), i.e. the cost of the decode steps alone; both stop only at the length
 (no EOS). Each figure is the median of ``--repeats`` timed runs after a warm-up (which,
-for JAX, includes compilation; compile times are printed separately).
+for JAX, includes compilation; compile times are printed separately); the runs of the two
+frameworks are interleaved so that noise from other tenants of the machine hits both.
 
 It also prints the memory-bandwidth floor of batch-1 decoding: each decode step reads
 every weight once, so no float32 implementation can beat ``bandwidth / weight bytes``
@@ -32,7 +33,7 @@ def parse():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128, help="prompt length")
     p.add_argument("--new", type=int, default=128, help="new tokens to decode")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=12)
@@ -122,11 +123,17 @@ def main():
     same = np.array_equal(np.asarray(jax_gen(16)()), torch_gen(16)()[:, args.prompt:].numpy())
     results["greedy_tokens_match"] = bool(same)
 
-    for name, pre, gen in (("jax", jax_prefill, jax_gen), ("torch", torch_prefill, torch_gen)):
-        results[f"{name}_prefill_s"] = median_time(pre, args.repeats)
-        one = median_time(gen(1), args.repeats)
-        full = median_time(gen(args.new + 1), args.repeats)
-        results[f"{name}_decode_tok_s"] = args.batch * args.new / max(full - one, 1e-9)
+    # interleave the two frameworks so that machine noise hits both alike
+    runs = {"jax": (jax_prefill, jax_gen(1), jax_gen(args.new + 1)),
+            "torch": (torch_prefill, torch_gen(1), torch_gen(args.new + 1))}
+    times = {name: ([], [], []) for name in runs}
+    for _ in range(args.repeats):
+        for name, fns in runs.items():
+            for fn, acc in zip(fns, times[name]):
+                acc.append(median_time(fn, 1))
+    for name, (pre, one, full) in times.items():
+        results[f"{name}_prefill_s"] = statistics.median(pre)
+        results[f"{name}_decode_tok_s"] = args.batch * args.new / max(statistics.median(full) - statistics.median(one), 1e-9)
 
     # The floor for batch-1 decode: every step reads every weight once. Time a GEMV over
     # as many float32 bytes as the model has (best of a few) to get this machine's bandwidth.

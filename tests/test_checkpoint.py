@@ -31,9 +31,9 @@ def test_save_and_restore_onto_a_mesh(tmp_path):
     assert back.config == cfg
     a, b = params(model), params(back)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert back.layers[0].mlp.up_proj.kernel[...].sharding.spec == P("tensor", "fsdp")
+    assert back.layers[0].mlp.gate_up_proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
     bf = checkpoint.load_model(tmp_path / "ck", dtype=jnp.bfloat16)
-    assert bf.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16 and bf.config.dtype == "bfloat16"
+    assert bf.layers[0].mlp.gate_up_proj.kernel[...].dtype == jnp.bfloat16 and bf.config.dtype == "bfloat16"
     with pytest.raises(FileExistsError, match="already holds"):
         checkpoint.save_model(tmp_path / "ck", model)
 

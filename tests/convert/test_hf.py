@@ -88,6 +88,14 @@ def test_missing_key_is_named(hf_qwen2):
         convert.from_hf(path, progress=False)
 
 
+def test_missing_half_of_a_stacked_parameter_is_named(hf_qwen2):
+    path, _ = hf_qwen2()
+    _rewrite(path, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
+    with pytest.raises(ConversionError, match=r"layers\.0\.mlp\.gate_up_proj\.kernel \(torch key "
+                                              r"model\.layers\.0\.mlp\.up_proj\.weight\)"):
+        convert.from_hf(path, progress=False)
+
+
 def test_shape_mismatch_is_named(hf_qwen2):
     path, _ = hf_qwen2()
     cfg = json.loads((path / "config.json").read_text())
@@ -148,11 +156,17 @@ def test_mapping_table_covers_every_parameter_both_ways():
         cfg = qwen2.Qwen2Config.preset("tiny", tie_word_embeddings=tied)
         abstract = nnx.eval_shape(lambda: qwen2.Qwen2(cfg, rngs=nnx.Rngs(0)))
         km = KeyMap(qwen2.HF_RULES, qwen2.HF_IGNORED)
+        torch_keys = []
         for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
             ours = path_str(p)
-            torch_key, _ = km.to_torch(ours)
-            assert km.to_ours(torch_key)[0] == ours
-    assert km.to_ours("model.layers.12.mlp.up_proj.weight")[0] == "layers.12.mlp.up_proj.kernel"
+            pairs = km.to_torch(ours)
+            assert pairs, ours
+            for torch_key, _ in pairs:
+                assert km.to_ours(torch_key)[0] == ours
+                torch_keys.append(torch_key)
+        assert len(torch_keys) == len(set(torch_keys))
+    assert km.to_ours("model.layers.12.mlp.up_proj.weight")[0] == "layers.12.mlp.gate_up_proj.kernel"
+    assert [r.stack for _, r in km.to_torch("layers.3.mlp.gate_up_proj.kernel")] == [0, 1]
     assert km.to_ours("model.layers.x.mlp.up_proj.weight") is None
     assert km.ignored("model.layers.0.self_attn.rotary_emb.inv_freq")
 

@@ -188,7 +188,7 @@ def test_bf16_compute_with_f32_params_and_remat(hf_qwen2):
     path, hf = hf_qwen2(initializer_range=0.05)
     ref = convert.from_hf(path, progress=False)
     mixed = convert.from_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, progress=False)
-    assert mixed.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+    assert mixed.layers[0].mlp.gate_up_proj.kernel[...].dtype == jnp.float32
     ids = jnp.asarray(rand_ids((2, 8), hf.config.vocab_size, seed=1))
     a, b = ref(ids), mixed(ids)
     assert b.dtype == jnp.float32 and np.isfinite(b).all()

@@ -162,7 +162,7 @@ def load_state(
 ) -> nnx.Module:
     """Fills an (abstract or concrete) NNX ``model`` from ``folder``; returns the loaded model.
 
-    Every parameter of the model must come from exactly one key; every key must map to a
+    Every parameter of the model must come from its key(s); every key must map to a
     parameter (or be in ``optional`` / the table's ignore list). Raises
     :class:`ConversionError` naming all unknown keys, missing parameters and shape
     mismatches at once.
@@ -170,7 +170,8 @@ def load_state(
     graphdef, state = nnx.split(model)
     flat = {path_str(p): v for p, v in nnx.to_flat_state(state)}
     shapes = folder.shapes()
-    unknown, mismatched, plan, ignored = [], [], {}, []
+    unknown, mismatched, ignored = [], [], []
+    plan: dict[str, tuple[str, Any]] = {}  # torch key -> (our path, rule)
     for key, shape in shapes.items():
         m = keymap.to_ours(key)
         if m is None or m[0] not in flat:
@@ -184,15 +185,15 @@ def load_state(
         if tuple(shape) != want:
             mismatched.append(f"{key}: checkpoint {tuple(shape)}, model expects {want} (for {ours})")
         plan[key] = (ours, rule)
-    missing = sorted(set(flat) - {o for o, _ in plan.values()})
+    # every parameter needs every torch tensor that its rules name (two for a stacked one)
+    needed = {ours: {k for k, _ in keymap.to_torch(ours)} for ours in flat}
+    missing = sorted(f"{ours} (torch key {k})" for ours, keys in needed.items() for k in sorted(keys - set(plan)))
+    missing += sorted(f"{ours} (no rule in the conversion table)" for ours, keys in needed.items() if not keys)
     problems = []
     if unknown:
         problems.append("unknown keys in the checkpoint:\n  " + "\n  ".join(sorted(unknown)))
     if missing:
-        problems.append(
-            "parameters missing from the checkpoint:\n  "
-            + "\n  ".join(f"{m} (torch key {keymap.to_torch(m)[0] if keymap.to_torch(m) else '?'})" for m in missing)
-        )
+        problems.append("parameters missing from the checkpoint:\n  " + "\n  ".join(missing))
     if mismatched:
         problems.append("shape mismatches (does the config match the checkpoint?):\n  " + "\n  ".join(mismatched))
     if problems:
@@ -200,14 +201,22 @@ def load_state(
     if ignored:
         log.info("ignored keys without a parameter: %s", ignored)
 
-    values = {}
+    values: dict[str, jax.Array] = {}
+    partial: dict[str, tuple[np.ndarray, set[str]]] = {}  # stacked parameters being assembled
     for key, arr in tqdm(folder.tensors(list(plan)), total=len(plan), desc="loading", disable=not progress,
                          unit="tensor", leave=False):
         ours, rule = plan[key]
         var = flat[ours]
-        x = torch_to_ours(rule, arr, var.get_value().shape).astype(var.get_value().dtype)
-        target = sharding.variable_sharding(var, mesh) if mesh is not None else None
-        values[ours] = sharding.put(x, target)
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        x = torch_to_ours(rule, arr, shape).astype(dtype)
+        if rule.stack is not None:
+            buf, seen = partial.setdefault(ours, (np.empty(shape, dtype), set()))
+            buf[rule.stack] = x
+            seen.add(key)
+            if seen != needed[ours]:
+                continue
+            x = partial.pop(ours)[0]
+        values[ours] = sharding.put(x, sharding.variable_sharding(var, mesh) if mesh is not None else None)
         del arr, x
     new_state = nnx.from_flat_state(
         [(p, v.replace(values[path_str(p)])) for p, v in nnx.to_flat_state(state)]
@@ -258,11 +267,12 @@ def torch_tensors(model: nnx.Module, keymap: KeyMap) -> Iterator[tuple[str, np.n
     """Yields ``(torch_key, host array)`` for every parameter, one at a time."""
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         ours = path_str(p)
-        m = keymap.to_torch(ours)
-        if m is None:
+        rules = keymap.to_torch(ours)
+        if not rules:
             raise ConversionError(f"Parameter {ours} has no rule in the conversion table.")
-        key, rule = m
-        yield key, ours_to_torch(rule, _host(var.get_value()))
+        x = _host(var.get_value())
+        for key, rule in rules:
+            yield key, ours_to_torch(rule, x)
 
 
 def _parse_size(s: int | str) -> int:
@@ -369,7 +379,7 @@ def to_hf(
 
     cfg = model.config
     fam = family_of_config(cfg)
-    n = len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    n = sum(len(fam.keymap.to_torch(path_str(p))) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = torch_tensors(model, fam.keymap)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in the collective gathers, write nothing

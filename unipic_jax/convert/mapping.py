@@ -12,6 +12,10 @@ changes on the way:
              bias ``(H·hd,)`` ↔ ``(H, hd)`` is ``split=2`` and ``o_proj`` ``(D, H·hd)`` ↔
              ``(D, H, hd)`` is ``split=1``. No tensor is ever transposed.
 
+``stack=i`` (with either kind) says the PyTorch tensor is slice ``i`` of our tensor's
+leading axis: several PyTorch tensors stacked into one parameter (e.g. the SwiGLU
+``gate_proj`` and ``up_proj`` as ``gate_up_proj[0]`` and ``[1]``, one matmul instead of two).
+
 Templates compile to anchored regular expressions both ways, so every key maps in both
 directions from one line of the table.
 """
@@ -31,6 +35,7 @@ class Rule(NamedTuple):
     ours: str
     kind: str = "copy"  # copy | reshape
     split: int = 1  # reshape: how many of our leading axes form PyTorch's first axis
+    stack: int | None = None  # the torch tensor is ours[stack]
 
 
 def _compile(template: str) -> re.Pattern:
@@ -39,7 +44,9 @@ def _compile(template: str) -> re.Pattern:
 
 
 class KeyMap:
-    """A compiled table. ``to_ours(key)`` / ``to_torch(path)`` return ``(mapped, rule)`` or ``None``."""
+    """A compiled table. ``to_ours(key)`` returns ``(path, rule)`` or ``None``;
+    ``to_torch(path)`` returns every ``(key, rule)`` that fills the parameter (several for
+    a stacked parameter, none for an unmapped one)."""
 
     def __init__(self, rules: Sequence[Rule], ignore_torch: Sequence[str] = ()):
         for r in rules:
@@ -59,16 +66,13 @@ class KeyMap:
                 return r.ours.format(*m.groups()), r
         return None
 
-    def to_torch(self, our_path: str) -> tuple[str, Rule] | None:
-        for pat, r in self._ours:
-            if m := pat.match(our_path):
-                return r.torch.format(*m.groups()), r
-        return None
+    def to_torch(self, our_path: str) -> list[tuple[str, Rule]]:
+        return [(r.torch.format(*m.groups()), r) for pat, r in self._ours if (m := pat.match(our_path))]
 
 
 def torch_shape(rule: Rule, our_shape: Sequence[int]) -> tuple[int, ...]:
     """The PyTorch tensor shape that corresponds to our parameter shape under ``rule``."""
-    our_shape = tuple(our_shape)
+    our_shape = tuple(our_shape)[(rule.stack is not None) :]
     if rule.kind == "copy":
         return our_shape
     head, tail = our_shape[: rule.split], our_shape[rule.split :]
@@ -76,11 +80,13 @@ def torch_shape(rule: Rule, our_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def torch_to_ours(rule: Rule, x: np.ndarray, our_shape: Sequence[int]) -> np.ndarray:
-    return x.reshape(tuple(our_shape))
+    """The PyTorch tensor laid out as our parameter (as its slice ``stack`` if stacked)."""
+    return x.reshape(tuple(our_shape)[(rule.stack is not None) :])
 
 
 def ours_to_torch(rule: Rule, x: np.ndarray) -> np.ndarray:
-    return x.reshape(torch_shape(rule, x.shape))
+    shape = torch_shape(rule, x.shape)
+    return np.ascontiguousarray((x if rule.stack is None else x[rule.stack]).reshape(shape))
 
 
 def path_str(path: Sequence) -> str:

@@ -16,7 +16,7 @@ with head axes split out, so conversion only reshapes):
     layers.i.attn.q_proj      (H, hd, D)   ← self_attn.q_proj.weight (H·hd, D), bias (H·hd,) → (H, hd)
     layers.i.attn.k_proj/v    (K, hd, D)   ← self_attn.{k,v}_proj
     layers.i.attn.o_proj      (D, H, hd)   ← self_attn.o_proj.weight (D, H·hd)
-    layers.i.mlp.{gate,up}    (F, D)       ← mlp.{gate,up}_proj.weight (F, D)
+    layers.i.mlp.gate_up_proj (2, F, D)    ← mlp.gate_proj.weight (F, D) as [0], mlp.up_proj.weight as [1]
     layers.i.mlp.down         (D, F)       ← mlp.down_proj.weight (D, F)
     lm_head.kernel            (V, D)       ← lm_head.weight (V, D)  (untied models only)
 
@@ -172,12 +172,13 @@ class MLP(nnx.Module):
             dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False,
             kernel_init=jax.nn.initializers.normal(cfg.initializer_range), rngs=rngs,
         )
-        self.gate_proj = Dense(D, F, in_axes=("embed",), out_axes=("mlp",), **kw)
-        self.up_proj = Dense(D, F, in_axes=("embed",), out_axes=("mlp",), **kw)
+        # gate and up stacked: one matmul; each tensor-parallel shard keeps matching halves
+        self.gate_up_proj = Dense(D, (2, F), in_axes=("embed",), out_axes=(None, "mlp"), **kw)
         self.down_proj = Dense(F, D, in_axes=("mlp",), out_axes=("embed",), **kw)
 
     def __call__(self, x):
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        gate_up = self.gate_up_proj(x)
+        h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         return self.down_proj(sharding.constrain(h, ("batch", "length", "act_mlp")))
 
 
@@ -457,8 +458,8 @@ HF_RULES = (
     Rule("model.layers.{}.self_attn.v_proj.weight", "layers.{}.attn.v_proj.kernel", "reshape", 2),
     Rule("model.layers.{}.self_attn.v_proj.bias", "layers.{}.attn.v_proj.bias", "reshape", 2),
     Rule("model.layers.{}.self_attn.o_proj.weight", "layers.{}.attn.o_proj.kernel", "reshape", 1),
-    Rule("model.layers.{}.mlp.gate_proj.weight", "layers.{}.mlp.gate_proj.kernel"),
-    Rule("model.layers.{}.mlp.up_proj.weight", "layers.{}.mlp.up_proj.kernel"),
+    Rule("model.layers.{}.mlp.gate_proj.weight", "layers.{}.mlp.gate_up_proj.kernel", stack=0),
+    Rule("model.layers.{}.mlp.up_proj.weight", "layers.{}.mlp.gate_up_proj.kernel", stack=1),
     Rule("model.layers.{}.mlp.down_proj.weight", "layers.{}.mlp.down_proj.kernel"),
     Rule("model.norm.weight", "final_norm.scale"),
     Rule("lm_head.weight", "lm_head.kernel"),
