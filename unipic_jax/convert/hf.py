@@ -45,18 +45,20 @@ class Family:
 
     name: str
     config_type: type
-    model_types: tuple[str, ...]
-    config_from_hf: Callable[..., Any]
-    config_to_hf: Callable[[Any], dict]
+    model_types: tuple[str, ...]  # config.json model_type values this family reads
+    config_from_hf: Callable[..., Any]  # config.json dict (+ overrides) -> our config
+    hf_config: Callable[[Any], Any]  # our config -> the transformers config object to write
     build: Callable[[Any, nnx.Rngs], nnx.Module]
-    keymap: KeyMap
+    keymap: Callable[[Any], KeyMap]  # our config -> its key table
     # torch keys that may be present without a parameter to receive them, given the config
     optional: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
-    hf_config_class: str = ""
+    generation: bool = False  # write a generation_config.json too
 
 
 def families() -> dict[str, Family]:
-    from unipic_jax.models import qwen2
+    import transformers
+
+    from unipic_jax.models import qwen2, siglip2
 
     return {
         "qwen2": Family(
@@ -64,11 +66,23 @@ def families() -> dict[str, Family]:
             config_type=qwen2.Qwen2Config,
             model_types=("qwen2",),
             config_from_hf=qwen2.config_from_hf,
-            config_to_hf=qwen2.config_to_hf,
+            hf_config=lambda cfg: transformers.Qwen2Config(**qwen2.config_to_hf(cfg)),
             build=lambda cfg, rngs: qwen2.Qwen2(cfg, rngs=rngs),
-            keymap=KeyMap(qwen2.HF_RULES, qwen2.HF_IGNORED),
+            keymap=lambda cfg: KeyMap(qwen2.HF_RULES, qwen2.HF_IGNORED),
             optional=lambda cfg: ("lm_head.weight",) if cfg.tie_word_embeddings else (),
-            hf_config_class="Qwen2Config",
+            generation=True,
+        ),
+        "siglip": Family(
+            name="siglip",
+            config_type=siglip2.SiglipConfig,
+            model_types=tuple(siglip2.VISION_TYPES) + tuple(siglip2.FULL_TYPES),
+            config_from_hf=siglip2.config_from_hf,
+            hf_config=lambda cfg: (transformers.Siglip2VisionConfig if cfg.naflex else transformers.SiglipVisionConfig)(
+                **siglip2.config_to_hf(cfg)),
+            build=lambda cfg, rngs: siglip2.SiglipVision(cfg, rngs=rngs),
+            keymap=lambda cfg: KeyMap(
+                siglip2.HF_RULES_NAFLEX if cfg.naflex else siglip2.HF_RULES_FIXED, siglip2.HF_IGNORED,
+                siglip2.HF_PREFIXES),
         ),
     }
 
@@ -249,7 +263,7 @@ def from_hf(
     cfg = fam.config_from_hf(hf, dtype=dt, param_dtype=pdt, **config_overrides)
     folder = SafetensorsFolder(path)
     abstract = nnx.eval_shape(lambda: fam.build(cfg, nnx.Rngs(0)))
-    return load_state(abstract, folder, fam.keymap, fam.optional(cfg), mesh, progress)
+    return load_state(abstract, folder, fam.keymap(cfg), fam.optional(cfg), mesh, progress)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -375,22 +389,23 @@ def to_hf(
 ) -> Path:
     """Writes ``model`` as a Hugging Face folder (``config.json``, ``generation_config.json``,
     safetensors) that ``transformers``' ``from_pretrained`` loads. Only process 0 writes."""
-    import transformers
-
     cfg = model.config
     fam = family_of_config(cfg)
-    n = sum(len(fam.keymap.to_torch(path_str(p))) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = torch_tensors(model, fam.keymap)
+    keymap = fam.keymap(cfg)
+    n = sum(len(keymap.to_torch(path_str(p))) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = torch_tensors(model, keymap)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in the collective gathers, write nothing
             pass
         return Path(path)
     with AtomicFolder(path, overwrite) as tmp:
-        hf_cfg = getattr(transformers, fam.hf_config_class)(**fam.config_to_hf(cfg))
+        hf_cfg = fam.hf_config(cfg)
         hf_cfg.save_pretrained(tmp)
-        gen = transformers.GenerationConfig(
-            bos_token_id=cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=cfg.pad_token_id
-        )
-        gen.save_pretrained(tmp)
+        if fam.generation:
+            import transformers
+
+            transformers.GenerationConfig(
+                bos_token_id=cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=cfg.pad_token_id
+            ).save_pretrained(tmp)
         write_safetensors(tensors, tmp, max_shard_size, total=n, progress=progress)
     return Path(path)

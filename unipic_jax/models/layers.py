@@ -104,6 +104,30 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """``y = (x - mean) / sqrt(var + eps) · scale + bias`` over the last axis, in float32
+    (as PyTorch's ``nn.LayerNorm`` does for half-precision inputs), output in ``dtype``.
+    ``use_scale=use_bias=False`` gives the non-affine form."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), param_dtype) if use_scale else None
+        self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",), param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
 def rope_sin_cos(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """Rotary tables for integer ``positions (B, T)``: ``sin, cos`` of shape ``(B, T, head_dim)``.
 
