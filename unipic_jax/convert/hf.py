@@ -200,9 +200,11 @@ def load_state(
             mismatched.append(f"{key}: checkpoint {tuple(shape)}, model expects {want} (for {ours})")
         plan[key] = (ours, rule)
     # every parameter needs every torch tensor that its rules name (two for a stacked one)
-    needed = {ours: {k for k, _ in keymap.to_torch(ours)} for ours in flat}
-    missing = sorted(f"{ours} (torch key {k})" for ours, keys in needed.items() for k in sorted(keys - set(plan)))
-    missing += sorted(f"{ours} (no rule in the conversion table)" for ours, keys in needed.items() if not keys)
+    needed = {ours: {r.stack: k for k, r in keymap.to_torch(ours)} for ours in flat}
+    covered = {(ours, rule.stack) for ours, rule in plan.values()}
+    missing = sorted(f"{ours} (torch key {k})" for ours, parts in needed.items()
+                     for stack, k in parts.items() if (ours, stack) not in covered)
+    missing += sorted(f"{ours} (no rule in the conversion table)" for ours, parts in needed.items() if not parts)
     problems = []
     if unknown:
         problems.append("unknown keys in the checkpoint:\n  " + "\n  ".join(sorted(unknown)))
@@ -216,7 +218,7 @@ def load_state(
         log.info("ignored keys without a parameter: %s", ignored)
 
     values: dict[str, jax.Array] = {}
-    partial: dict[str, tuple[np.ndarray, set[str]]] = {}  # stacked parameters being assembled
+    partial: dict[str, tuple[np.ndarray, set[int]]] = {}  # stacked parameters being assembled
     for key, arr in tqdm(folder.tensors(list(plan)), total=len(plan), desc="loading", disable=not progress,
                          unit="tensor", leave=False):
         ours, rule = plan[key]
@@ -226,8 +228,8 @@ def load_state(
         if rule.stack is not None:
             buf, seen = partial.setdefault(ours, (np.empty(shape, dtype), set()))
             buf[rule.stack] = x
-            seen.add(key)
-            if seen != needed[ours]:
+            seen.add(rule.stack)
+            if seen != set(needed[ours]):
                 continue
             x = partial.pop(ours)[0]
         values[ours] = sharding.put(x, sharding.variable_sharding(var, mesh) if mesh is not None else None)
