@@ -240,6 +240,16 @@ def mesh_of(tree: Any) -> Mesh | None:
     return None
 
 
+def on_params_mesh(params: Any, fn: Callable, *args):
+    """Calls ``fn(*args)`` inside the mesh that ``params`` live on (unless a mesh is set), so
+    that :func:`constrain` applies when a sharded model is called without ``jax.set_mesh``."""
+    mesh = mesh_of(params)
+    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return fn(*args)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -154,6 +154,25 @@ class SafetensorsFolder:
                     yield k, f.get_tensor(k)
 
 
+class DictSource:
+    """In-memory tensors (a PyTorch state dict as NumPy arrays) with the interface of
+    :class:`SafetensorsFolder`, for :func:`load_state`."""
+
+    def __init__(self, tensors: dict[str, Any], name: str = "state dict"):
+        self.path = name
+        self._tensors = {k: np.asarray(v) for k, v in tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def tensors(self, keys: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        for k in keys:
+            yield k, self._tensors[k]
+
+
 def read_hf_config(path: str | os.PathLike) -> dict:
     p = Path(path) / "config.json"
     if not p.exists():
@@ -168,7 +187,7 @@ def _dtype_from_hf(hf: dict):
 
 def load_state(
     model: nnx.Module,
-    folder: SafetensorsFolder,
+    folder: SafetensorsFolder | DictSource,
     keymap: KeyMap,
     optional: tuple[str, ...] = (),
     mesh: jax.sharding.Mesh | None = None,

@@ -89,6 +89,21 @@ class Dense(nnx.Module):
         return y
 
 
+class MLPProjector(nnx.Module):
+    """``Linear → SiLU → Linear``: UniPic's projectors (``proj_in``, ``proj_out``,
+    ``siglip2_proj``) between the vision encoders, MAR and the LLM. Kernels ``(out, in)``;
+    PyTorch keys ``{0,2}.{weight,bias}`` of an ``nn.Sequential``."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Dense(in_dim, hidden, in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.fc2 = Dense(hidden, out_dim, in_axes=("mlp",), out_axes=("embed",), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.silu(self.fc1(x)))
+
+
 class RMSNorm(nnx.Module):
     """``y = scale · x / sqrt(mean(x²) + eps)``, normalised in float32 then cast back
     to the compute dtype before the scale (as transformers' Qwen2RMSNorm does)."""

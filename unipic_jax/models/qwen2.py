@@ -312,39 +312,53 @@ class Qwen2(nnx.Module):
     ) -> jax.Array:
         """Logits ``(B, T, V)`` float32 (one compiled function per input shape)."""
         graphdef, state = nnx.split(self)
-        return _on_mesh(state, _forward, graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids)
+        return sharding.on_params_mesh(
+            state, _forward, graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids
+        )
 
     # -- generation -----------------------------------------------------------------------
 
     def generate(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
         rng: jax.Array | None = None,
         *,
+        inputs_embeds: jax.Array | None = None,
         eos_token_id: int | tuple[int, ...] | None = None,
         pad_token_id: int | None = None,
     ) -> jax.Array:
         """Returns ``max_new_tokens`` new ids per row, ``(B, N)`` int32.
 
-        Greedy at ``temperature == 0``; otherwise sampling from ``softmax(logits / T)``
-        restricted to the nucleus ``top_p`` (needs ``rng``). Prompts may be left- or
-        right-padded (``attention_mask``): every row continues from its own last real
-        token. A row stops at EOS (``eos_token_id``, default the config's) and is filled
-        with ``pad_token_id`` afterwards; the loop ends when every row has stopped.
+        The prompt is ``input_ids (B, T)`` or ``inputs_embeds (B, T, D)`` (e.g. text with
+        image embeddings written in). Greedy at ``temperature == 0``; otherwise sampling
+        from ``softmax(logits / T)`` restricted to the nucleus ``top_p`` (needs ``rng``).
+        Prompts may be left- or right-padded (``attention_mask``): every row continues from
+        its own last real token. A row stops at EOS (``eos_token_id``, default the
+        config's) and is filled with ``pad_token_id`` afterwards; the loop ends when every
+        row has stopped.
         """
         cfg = self.config
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if input_ids is not None:
+            input_ids = jnp.asarray(input_ids, jnp.int32)
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+            shape = input_ids.shape
+        else:
+            inputs_embeds = jnp.asarray(inputs_embeds)
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds must be (batch, length, {cfg.hidden_size}), got {inputs_embeds.shape}")
+            shape = inputs_embeds.shape[:2]
         if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids, dtype=bool)
+            attention_mask = jnp.ones(shape, dtype=bool)
         attention_mask = jnp.asarray(attention_mask, bool)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {attention_mask.shape} does not match input_ids {input_ids.shape}")
+        if attention_mask.shape != shape:
+            raise ValueError(f"attention_mask {attention_mask.shape} does not match the prompt {shape}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -360,18 +374,8 @@ class Qwen2(nnx.Module):
         pad = pad if pad is not None else (eos[0] if eos else 0)
         graphdef, state = nnx.split(self)
         fn = functools.partial(_generate, max_new_tokens=max_new_tokens, greedy=greedy, eos=eos, pad=int(pad))
-        return _on_mesh(
-            state, fn, graphdef, state, input_ids, attention_mask, rng, jnp.float32(temperature), jnp.float32(top_p)
-        )
-
-
-def _on_mesh(state, fn, *args):
-    """Calls ``fn`` inside the mesh the parameters live on (unless a mesh is already set)."""
-    mesh = sharding.mesh_of(state)
-    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
-        with jax.set_mesh(mesh):
-            return fn(*args)
-    return fn(*args)
+        return sharding.on_params_mesh(state, fn, graphdef, state, input_ids, inputs_embeds, attention_mask, rng,
+                        jnp.float32(temperature), jnp.float32(top_p))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -396,17 +400,17 @@ def sample_token(logits: jax.Array, rng, temperature, top_p, greedy: bool) -> ja
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "eos", "pad"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, temperature, top_p, *,
+def _generate(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, temperature, top_p, *,
               max_new_tokens, greedy, eos, pad):
     model: Qwen2 = nnx.merge(graphdef, state)
     cfg = model.config
-    B, T = input_ids.shape
+    B, T = attention_mask.shape
     N = max_new_tokens
-    input_ids = sharding.constrain(input_ids, ("batch", "length"))
     cache = KVCache.zeros(cfg, B, T + N)
 
     # prefill: the prompt fills slots [0, T); logits of each row's last real token
-    hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache, write_index=0)
+    hidden, cache = model.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+                                        write_index=0)
     last = T - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # position of the first new token
