@@ -244,9 +244,10 @@ class SiglipVision(nnx.Module):
             patches = pixel_values.reshape(B, N, p, p, cfg.num_channels)
             pos = self.naflex_positions(jnp.asarray(spatial_shapes), N)
         else:
-            if pixel_values.ndim != 4 or pixel_values.shape[1:3] != (cfg.image_size, cfg.image_size):
-                raise ValueError(f"The fixed form takes NHWC images of {cfg.image_size}x{cfg.image_size}, "
-                                 f"got {pixel_values.shape}")
+            if pixel_values.ndim != 4 or pixel_values.shape[1:] != (cfg.image_size, cfg.image_size, cfg.num_channels):
+                hint = " (NCHW? use x.transpose(0, 2, 3, 1))" if pixel_values.ndim == 4 else ""
+                raise ValueError(f"The fixed form takes NHWC images of {cfg.image_size}x{cfg.image_size}x"
+                                 f"{cfg.num_channels}, got {pixel_values.shape}{hint}")
             patches = self.patchify(pixel_values)
             B, N = patches.shape[:2]
             pos = self.pos_embed[...].astype(cfg.dtype)[None]
