@@ -22,7 +22,7 @@ def test_templates_match_the_release():
 def test_qwen_tokenizer_gets_image_token_inside_embedding(qwen_tokenizer_dir):
     tok = T.load_tokenizer(qwen_tokenizer_dir)
     image_id = T.image_token_id(tok)
-    assert image_id == 151669 and image_id < 151936  # fits the Qwen2.5 embedding rows, no resize
+    assert image_id == len(tok) - 1 == 151669 and image_id < 151936  # fits the embedding rows, no resize
     ids = tok(T.edit_prompt("flip it")).input_ids
     assert ids[:3] == [151644, 872, 198]  # <|im_start|> user \n
     assert ids.count(image_id) == 1

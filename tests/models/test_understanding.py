@@ -25,8 +25,8 @@ def parts(tmp_path_factory, qwen_tokenizer_dir):
     llm.save_pretrained(d / "llm")
     proj = perturb(torch.nn.Sequential(torch.nn.Linear(32, 40), torch.nn.SiLU(), torch.nn.Linear(40, 48)), 2, 0.3)
     state = {k: v.detach().numpy() for k, v in proj.state_dict().items()}
-    model = U.from_hf(d / "llm", d / "vision", projector=state)
     tok = T.load_tokenizer(qwen_tokenizer_dir)
+    model = U.from_hf(d / "llm", d / "vision", projector=state, image_token_id=T.image_token_id(tok))
     rs = np.random.RandomState(0)
     images = [rs.randint(0, 256, (40, 90, 3), dtype=np.uint8), rs.randint(0, 256, (70, 30, 3), dtype=np.uint8)]
     return dict(vision=vision, llm=llm, proj=proj, model=model, tok=tok, images=images)
@@ -98,7 +98,10 @@ def test_answers_come_from_the_kv_cache_like_transformers_generate(parts):
                                         eos_token_id=None, pad_token_id=0)[0].numpy()
         np.testing.assert_array_equal(new[b], ref[-12:])
     text = U.answer(parts["model"], parts["tok"], parts["images"][0], questions[0], max_new_tokens=6)
-    assert isinstance(text, str)
+    one = np.asarray(parts["model"].generate(*U.build_prompts(parts["tok"], questions[:1], pmask[:1])[:2], pv[:1],
+                                             pmask[:1], shapes[:1], max_new_tokens=6,
+                                             eos_token_id=T.stop_token_ids(parts["tok"])))
+    assert text == parts["tok"].decode(one[0], skip_special_tokens=True).strip()
 
 
 def test_prompt_building_and_gradient_scale(parts):

@@ -39,7 +39,7 @@ class UnderstandingConfig:
     llm: qwen2.Qwen2Config
     vision: siglip2.SiglipConfig
     proj_hidden: int | None = None  # default: the LLM width
-    image_token_id: int = 151669  # "<image>" in the Qwen2.5 tokenizer
+    image_token_id: int = 151665  # "<image>" added to the Qwen2.5 tokenizer (the release's id)
     visual_grad_scale: float = 1.0  # gradient multiplier into the image features (UniPic trains with 0.1)
 
 
@@ -170,6 +170,9 @@ def answer_batch(model: SiglipUnderstanding, tokenizer, images, questions, max_n
 
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    if tok_lib.image_token_id(tokenizer) != model.config.image_token_id:
+        raise ValueError(f"The tokenizer's {tok_lib.IMAGE_TOKEN} id is {tok_lib.image_token_id(tokenizer)} but the model "
+                         f"expects {model.config.image_token_id}; build the model with image_token_id= the tokenizer's.")
     images = [image_lib.load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im
               for im in images]
     pv, pmask, shapes = preprocess(model.config.vision, images)
