@@ -1,0 +1,95 @@
+"""The diffusion head (MAR's SimpleMLPAdaLN + DiffLoss)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from unipic_jax.convert.hf import DictSource, load_state
+from unipic_jax.convert.mapping import KeyMap, ours_to_torch, path_str
+from unipic_jax.models import diffloss as DL
+
+TINY = DL.DiffLossConfig(in_channels=4, z_channels=12, width=32, depth=2, batch_mul=2, sampling_steps="20")
+
+
+def test_timestep_embedding_closed_form():
+    t = jnp.array([0, 7, 999])
+    emb = np.asarray(DL.timestep_embedding(t, 8))
+    f = np.exp(-math.log(10000) * np.arange(4) / 4)
+    np.testing.assert_allclose(emb, np.concatenate([np.cos(t[:, None] * f), np.sin(t[:, None] * f)], 1), rtol=1e-5,
+                               atol=1e-6)
+    assert DL.timestep_embedding(t, 7).shape == (3, 7)
+
+
+def test_release_keys_round_trip_bit_identical():
+    model = DL.DiffLoss(TINY, rngs=nnx.Rngs(0))
+    km = KeyMap(DL.TORCH_RULES)
+    state = {}
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        (key, rule), = km.to_torch(path_str(p))
+        state[key] = ours_to_torch(rule, np.asarray(v[...]) + np.random.RandomState(len(state)).randn(*v.shape))
+    assert state["net.res_blocks.1.adaLN_modulation.1.weight"].shape == (3 * 32, 32)
+    assert state["net.final_layer.adaLN_modulation.1.weight"].shape == (2 * 32, 32)
+    assert state["net.final_layer.linear.weight"].shape == (8, 32)
+    abstract = nnx.eval_shape(lambda: DL.DiffLoss(TINY, rngs=nnx.Rngs(0)))
+    loaded = load_state(abstract, DictSource(state), km, progress=False)
+    for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
+        (key, rule), = km.to_torch(path_str(p))
+        np.testing.assert_array_equal(ours_to_torch(rule, np.asarray(v[...])), state[key].astype(np.float32))
+    # the adaLN chunks are (shift, scale, gate) in that order along the torch output axis
+    ada = loaded.net.res_blocks[0].ada.kernel[...]
+    np.testing.assert_array_equal(ada[2], state["net.res_blocks.0.adaLN_modulation.1.weight"][64:].astype(np.float32))
+
+
+def test_cfg_batch_layout():
+    model = DL.DiffLoss(TINY, rngs=nnx.Rngs(1))  # random init: the final layer is not zero as in MAR
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(6, 4), jnp.float32)
+    z = jnp.asarray(rs.randn(6, 12), jnp.float32)
+    t = jnp.array([5] * 6)
+    out = model.net.forward_with_cfg(x, t, z, 3.0)
+    plain = model.net(jnp.concatenate([x[:3], x[:3]]), t, z)
+    cond, uncond = plain[:3, :4], plain[3:, :4]
+    np.testing.assert_allclose(out[:3, :4], uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[3:, :4], out[:3, :4])
+    np.testing.assert_allclose(out[:, 4:], plain[:, 4:])  # each half keeps its own variance
+
+
+def test_loss_decreases_and_sampling_is_deterministic():
+    model = DL.DiffLoss(TINY, rngs=nnx.Rngs(2))
+    rs = np.random.RandomState(3)
+    z = jnp.asarray(rs.randn(16, 12), jnp.float32)
+    target = jnp.tanh(z[:, :4] * 2)  # a deterministic function of the condition
+    mask = jnp.ones(16)
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, key):
+        loss, grads = nnx.value_and_grad(lambda m: m.loss(target, z, mask, key))(model)
+        opt.update(model, grads)
+        return loss
+
+    key = jax.random.key(0)
+    eval_keys = jax.random.split(jax.random.key(9), 8)
+    before = np.mean([float(model.loss(target, z, mask, k)) for k in eval_keys])
+    for i in range(150):
+        step(model, opt, jax.random.fold_in(key, i))
+    after = np.mean([float(model.loss(target, z, mask, k)) for k in eval_keys])
+    assert after < 0.7 * before, (before, after)
+    a = model.sample(z[:4], jax.random.key(5), temperature=0.9)
+    b = model.sample(z[:4], jax.random.key(5), temperature=0.9)
+    assert a.shape == (4, 4) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    guided = model.sample(jnp.concatenate([z[:4], jnp.zeros((4, 12))]), jax.random.key(5), cfg=2.0)
+    assert guided.shape == (4, 4)
+
+
+@pytest.mark.parametrize("bad", ["net.res_blocks.0.extra.weight"])
+def test_unknown_release_key_is_named(bad):
+    abstract = nnx.eval_shape(lambda: DL.DiffLoss(TINY, rngs=nnx.Rngs(0)))
+    with pytest.raises(Exception, match=bad.replace(".", r"\.")):
+        load_state(abstract, DictSource({bad: np.zeros(2)}), KeyMap(DL.TORCH_RULES), progress=False)

@@ -1,0 +1,210 @@
+"""MAR's diffusion head ("DiffLoss"): a small MLP denoiser per image token, conditioned
+on the MAR decoder's output ``z`` for that token.
+
+SimpleMLPAdaLN (width ``W``, ``depth`` residual blocks)::
+
+    y = time_embed(t) + cond_embed(z)          time_embed = MLP(sinusoid_256(t)), [cos | sin] halves
+    h = input_proj(x_t)
+    h = h + gate · MLP(LN(h) · (1 + scale) + shift)      (shift, scale, gate) = Linear(SiLU(y))   × depth
+    out = Linear(LN₀(h) · (1 + scale) + shift)           LN₀ without affine; (shift, scale) = Linear(SiLU(y))
+
+``out`` has ``2C`` channels: ``ε̂`` and the learned-range variance (``diffusion.py``).
+Training (:meth:`DiffLoss.loss`) repeats every token ``batch_mul`` times with fresh ``t`` and
+noise and averages the loss over masked tokens; sampling (:meth:`DiffLoss.sample`) runs the
+respaced DDPM chain, with classifier-free guidance on ``ε`` when the batch is
+``[cond; uncond]``: both halves start from the same noise and are evaluated at the first
+half's ``x``, ``ε = ε_u + s(ε_c − ε_u)``, each half keeps its own variance, and the first
+half is the sample.
+
+Parameters (ours ← ``mar.diffloss.net.*`` of the release; kernels ``(out, in)``):
+``time_embed.fc{1,2}`` ← ``time_embed.mlp.{0,2}``; ``cond_embed``, ``input_proj``;
+``res_blocks.i.{in_ln, mlp.fc1 ← mlp.0, mlp.fc2 ← mlp.2}``; ``res_blocks.i.ada (3, W, W)`` ←
+``adaLN_modulation.1 (3W, W)``; ``final_layer.{linear, ada (2, W, W) ← adaLN_modulation.1}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unipic_jax.convert.mapping import Rule
+from unipic_jax.models import diffusion
+from unipic_jax.models.layers import Dense, LayerNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffLossConfig:
+    in_channels: int = 16  # VAE latent channels (one token)
+    z_channels: int = 1280  # MAR decoder width
+    width: int = 1536
+    depth: int = 12
+    freq_dim: int = 256
+    num_steps: int = 1000
+    max_beta: float = 0.2  # UniPic-1; MAR and Harmon use 0.999
+    sampling_steps: str = "100"
+    batch_mul: int = 4
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def replace(self, **kw) -> "DiffLossConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """``[cos(t·f_i) | sin(t·f_i)]`` with ``f_i = max_period^(−i/half)``, float32 ``(N, dim)``."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def _kw(cfg, rngs):
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+class TimestepEmbedder(nnx.Module):
+    def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
+        self.freq_dim = cfg.freq_dim
+        self.fc1 = Dense(cfg.freq_dim, cfg.width, in_axes=(None,), out_axes=("mlp",), **_kw(cfg, rngs))
+        self.fc2 = Dense(cfg.width, cfg.width, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs))
+
+    def __call__(self, t):
+        return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
+        self.fc1 = Dense(cfg.width, cfg.width, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
+        self.fc2 = Dense(cfg.width, cfg.width, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs))
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.silu(self.fc1(x)))
+
+
+class ResBlock(nnx.Module):
+    def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
+        self.in_ln = LayerNorm(cfg.width, eps=1e-6, **_kw(cfg, rngs))
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.ada = Dense(cfg.width, (3, cfg.width), in_axes=("embed",), out_axes=(None, "mlp"), **_kw(cfg, rngs))
+
+    def __call__(self, x, y):
+        mod = self.ada(jax.nn.silu(y))
+        shift, scale, gate = mod[..., 0, :], mod[..., 1, :], mod[..., 2, :]
+        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
+        self.norm = LayerNorm(cfg.width, eps=1e-6, use_scale=False, use_bias=False, **_kw(cfg, rngs))
+        self.ada = Dense(cfg.width, (2, cfg.width), in_axes=("embed",), out_axes=(None, "mlp"), **_kw(cfg, rngs))
+        self.linear = Dense(cfg.width, 2 * cfg.in_channels, in_axes=("embed",), out_axes=(None,), **_kw(cfg, rngs))
+
+    def __call__(self, x, y):
+        mod = self.ada(jax.nn.silu(y))
+        return self.linear(self.norm(x) * (1 + mod[..., 1, :]) + mod[..., 0, :])
+
+
+class SimpleMLPAdaLN(nnx.Module):
+    """``net(x_t (N, C), t (N,), c (N, z_channels))`` → ``(N, 2C)``."""
+
+    def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
+        self.in_channels = cfg.in_channels
+        self.time_embed = TimestepEmbedder(cfg, rngs=rngs)
+        self.cond_embed = Dense(cfg.z_channels, cfg.width, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
+        self.input_proj = Dense(cfg.in_channels, cfg.width, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
+        self.res_blocks = nnx.List([ResBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg, rngs=rngs)
+
+    def __call__(self, x, t, c):
+        y = self.time_embed(t) + self.cond_embed(c)
+        h = self.input_proj(x)
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y).astype(jnp.float32)
+
+    def forward_with_cfg(self, x, t, c, cfg_scale):
+        """Batch ``[cond; uncond]``: the first half's ``x`` feeds both; guided ``ε`` in both halves."""
+        half = x[: x.shape[0] // 2]
+        out = self(jnp.concatenate([half, half]), t, c)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        cond, uncond = jnp.split(eps, 2)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return jnp.concatenate([jnp.concatenate([guided, guided]), rest], axis=-1)
+
+
+@functools.cache
+def _schedule(num_steps: int, max_beta: float, respacing: str | None) -> diffusion.Schedule:
+    return diffusion.make_schedule(num_steps, "cosine", max_beta, respacing)
+
+
+class DiffLoss(nnx.Module):
+    def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.net = SimpleMLPAdaLN(cfg, rngs=rngs)
+
+    @property
+    def train_schedule(self) -> diffusion.Schedule:
+        return _schedule(self.config.num_steps, self.config.max_beta, None)
+
+    @property
+    def sample_schedule(self) -> diffusion.Schedule:
+        return _schedule(self.config.num_steps, self.config.max_beta, self.config.sampling_steps)
+
+    def loss(self, target, z, mask, key) -> jax.Array:
+        """Mean diffusion loss over tokens with ``mask == 1``. ``target (N, C)``, ``z (N, Z)``,
+        ``mask (N,)``; each token is repeated ``batch_mul`` times with its own ``t`` and noise."""
+        m = self.config.batch_mul
+        target, z, mask = (jnp.repeat(a, m, axis=0) for a in (target, z, mask))
+        k_t, k_n = jax.random.split(key)
+        t = jax.random.randint(k_t, (target.shape[0],), 0, self.config.num_steps)
+        noise = jax.random.normal(k_n, target.shape, jnp.float32)
+        per_token, _ = diffusion.training_losses(self.train_schedule, lambda x, tt: self.net(x, tt, z),
+                                                 target.astype(jnp.float32), t, noise)
+        mask = mask.astype(jnp.float32)
+        return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def sample(self, z, key, temperature=1.0, cfg: float = 1.0) -> jax.Array:
+        """Token latents for conditions ``z (N, Z)``: ``(N, C)``, or with ``cfg != 1`` (``z`` is
+        ``[cond; uncond]``) the ``N/2`` guided tokens."""
+        C = self.config.in_channels
+        k0, k1 = jax.random.split(key)
+        if cfg != 1.0:
+            half = jax.random.normal(k0, (z.shape[0] // 2, C), jnp.float32)
+            noise = jnp.concatenate([half, half])
+            net = lambda x, t: self.net.forward_with_cfg(x, t, z, cfg)  # noqa: E731
+        else:
+            noise = jax.random.normal(k0, (z.shape[0], C), jnp.float32)
+            net = lambda x, t: self.net(x, t, z)  # noqa: E731
+        x = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature)
+        return x[: z.shape[0] // 2] if cfg != 1.0 else x
+
+
+# Conversion table: keys relative to the release's ``mar.diffloss.`` prefix.
+TORCH_RULES = (
+    Rule("net.time_embed.mlp.0.weight", "net.time_embed.fc1.kernel"),
+    Rule("net.time_embed.mlp.0.bias", "net.time_embed.fc1.bias"),
+    Rule("net.time_embed.mlp.2.weight", "net.time_embed.fc2.kernel"),
+    Rule("net.time_embed.mlp.2.bias", "net.time_embed.fc2.bias"),
+    Rule("net.cond_embed.weight", "net.cond_embed.kernel"),
+    Rule("net.cond_embed.bias", "net.cond_embed.bias"),
+    Rule("net.input_proj.weight", "net.input_proj.kernel"),
+    Rule("net.input_proj.bias", "net.input_proj.bias"),
+    Rule("net.res_blocks.{}.in_ln.weight", "net.res_blocks.{}.in_ln.scale"),
+    Rule("net.res_blocks.{}.in_ln.bias", "net.res_blocks.{}.in_ln.bias"),
+    Rule("net.res_blocks.{}.mlp.0.weight", "net.res_blocks.{}.mlp.fc1.kernel"),
+    Rule("net.res_blocks.{}.mlp.0.bias", "net.res_blocks.{}.mlp.fc1.bias"),
+    Rule("net.res_blocks.{}.mlp.2.weight", "net.res_blocks.{}.mlp.fc2.kernel"),
+    Rule("net.res_blocks.{}.mlp.2.bias", "net.res_blocks.{}.mlp.fc2.bias"),
+    Rule("net.res_blocks.{}.adaLN_modulation.1.weight", "net.res_blocks.{}.ada.kernel", "reshape", 2),
+    Rule("net.res_blocks.{}.adaLN_modulation.1.bias", "net.res_blocks.{}.ada.bias", "reshape", 2),
+    Rule("net.final_layer.linear.weight", "net.final_layer.linear.kernel"),
+    Rule("net.final_layer.linear.bias", "net.final_layer.linear.bias"),
+    Rule("net.final_layer.adaLN_modulation.1.weight", "net.final_layer.ada.kernel", "reshape", 2),
+    Rule("net.final_layer.adaLN_modulation.1.bias", "net.final_layer.ada.bias", "reshape", 2),
+)
