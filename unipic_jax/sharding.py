@@ -201,8 +201,11 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
 
 
-def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-    """Runs ``ctor`` under ``jit`` with sharded outputs: no parameter ever exists unsharded."""
+def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Module:
+    """Runs ``ctor`` under ``jit`` with sharded outputs: no parameter ever exists unsharded.
+    Without a mesh, simply ``ctor()``."""
+    if mesh is None:
+        return ctor()
     abstract = nnx.eval_shape(ctor)
     graphdef, abs_state = nnx.split(abstract)
     shardings = state_shardings(abs_state, mesh)

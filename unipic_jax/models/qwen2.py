@@ -444,8 +444,6 @@ def _generate(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, te
 
 def init(cfg: Qwen2Config, seed: int = 0, mesh: Any = None) -> Qwen2:
     """A randomly initialised model, created directly on ``mesh`` when one is given."""
-    if mesh is None:
-        return Qwen2(cfg, rngs=nnx.Rngs(seed))
     return sharding.create_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 

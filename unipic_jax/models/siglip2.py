@@ -266,8 +266,7 @@ class SiglipVision(nnx.Module):
 
 
 def init(cfg: SiglipConfig, seed: int = 0, mesh: Any = None) -> SiglipVision:
-    if mesh is None:
-        return SiglipVision(cfg, rngs=nnx.Rngs(seed))
+    """A randomly initialised tower, created directly on ``mesh`` when one is given."""
     return sharding.create_sharded(lambda: SiglipVision(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 
