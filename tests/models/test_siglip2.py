@@ -13,7 +13,7 @@ from flax import nnx
 from helpers import assert_same_tensors
 from unipic_jax import convert, sharding
 from unipic_jax.convert.hf import ConversionError
-from unipic_jax.models import siglip2
+from unipic_jax.models import layers, siglip2
 
 
 def perturb(model, seed, scale=0.05):
@@ -86,12 +86,13 @@ def test_naflex_is_one_compiled_function_for_every_grid(tmp_path):
     assert not np.allclose(a, b)  # the grid shape changes the position embeddings
 
 
+@pytest.mark.parametrize("antialias", [True, False])
 @pytest.mark.parametrize("out,inp", [(7, 4), (3, 4), (2, 16), (16, 5), (4, 4), (1, 3)])
-def test_resize_weights_equal_torch_antialiased_bilinear(out, inp):
+def test_resize_weights_equal_torch_bilinear(out, inp, antialias):
     eye = torch.eye(inp, dtype=torch.float32)[None, None]  # interpolate each basis vector
     ref = torch.nn.functional.interpolate(eye, size=(inp, out), mode="bilinear", align_corners=False,
-                                          antialias=True)[0, 0].T.numpy()  # (out, inp)
-    w = np.asarray(siglip2.resize_weights(out, inp, max_out=out + 2))
+                                          antialias=antialias)[0, 0].T.numpy()  # (out, inp)
+    w = np.asarray(layers.resize_weights(out, inp, max_out=out + 2, antialias=antialias))
     np.testing.assert_allclose(w[:out], ref, atol=1e-6)
     assert (w[out:] == 0).all()
 

@@ -143,6 +143,37 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+def resize_weights(out_size, in_size: int, max_out: int, antialias: bool = True) -> jax.Array:
+    """Row ``i < out_size`` holds the weights that PyTorch's ``interpolate(mode="bilinear",
+    align_corners=False, antialias=...)`` gives output ``i`` over the ``in_size`` inputs.
+
+    With ``s = in/out``: antialiased, the weight of input ``j`` is the triangle
+    ``max(0, 1 − |(j + ½ − s(i + ½))/max(s, 1)|)`` (downsampling averages over ``s``
+    inputs); without, it is ``max(0, 1 − |j − max(s(i + ½) − ½, 0)|)`` (two-tap linear
+    interpolation at half-pixel centres). Rows are normalised, which reproduces the edge
+    clamping. ``out_size`` may be traced; rows ``≥ out_size`` are zero. ``(max_out, in_size)``
+    float32.
+    """
+    out_size = jnp.asarray(out_size, jnp.float32)
+    scale = in_size / out_size
+    i = jnp.arange(max_out, dtype=jnp.float32)[:, None]
+    j = jnp.arange(in_size, dtype=jnp.float32)[None, :]
+    centre = scale * (i + 0.5)
+    if antialias:
+        w = jnp.maximum(0.0, 1.0 - jnp.abs((j + 0.5 - centre) / jnp.maximum(scale, 1.0)))
+    else:
+        w = jnp.maximum(0.0, 1.0 - jnp.abs(j - jnp.maximum(centre - 0.5, 0.0)))
+    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-30)
+    return jnp.where(i < out_size, w, 0.0)
+
+
+def resize_grid(grid: jax.Array, height: int, width: int, antialias: bool = False) -> jax.Array:
+    """Bilinear resize of a ``(h, w, C)`` grid (e.g. position embeddings) to ``(height, width, C)``."""
+    ry = resize_weights(height, grid.shape[0], height, antialias)
+    rx = resize_weights(width, grid.shape[1], width, antialias)
+    return jnp.einsum("iy,jx,yxc->ijc", ry, rx, grid.astype(jnp.float32)).astype(grid.dtype)
+
+
 def rope_sin_cos(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """Rotary tables for integer ``positions (B, T)``: ``sin, cos`` of shape ``(B, T, head_dim)``.
 

@@ -42,7 +42,7 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax.convert.mapping import Rule
-from unipic_jax.models.layers import Dense, LayerNorm, attention, param
+from unipic_jax.models.layers import Dense, LayerNorm, attention, param, resize_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,25 +168,6 @@ class PoolingHead(nnx.Module):
         h = self.out_proj(attention(q, k, v, mask))
         h = h + self.mlp(self.layernorm(h))
         return h[:, 0]
-
-
-def resize_weights(out_size: jax.Array, in_size: int, max_out: int) -> jax.Array:
-    """Row ``i < out_size`` holds the weights PyTorch's ``interpolate(mode="bilinear",
-    align_corners=False, antialias=True)`` gives output ``i`` over the ``in_size`` inputs.
-
-    Centre ``c = s·(i + ½)`` with ``s = in/out``; weight of input ``j`` is the triangle
-    ``max(0, 1 − |(j + ½ − c)/max(s, 1)|)``, normalised per row (so downsampling averages
-    over ``s`` inputs and upsampling is plain bilinear, clamped at the edges). ``out_size``
-    may be traced; rows ``≥ out_size`` are zero. Float32 ``(max_out, in_size)``.
-    """
-    out_size = jnp.asarray(out_size, jnp.float32)
-    scale = in_size / out_size
-    i = jnp.arange(max_out, dtype=jnp.float32)[:, None]
-    j = jnp.arange(in_size, dtype=jnp.float32)[None, :]
-    centre = scale * (i + 0.5)
-    w = jnp.maximum(0.0, 1.0 - jnp.abs((j + 0.5 - centre) / jnp.maximum(scale, 1.0)))
-    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-30)
-    return jnp.where(i < out_size, w, 0.0)
 
 
 class SiglipVision(nnx.Module):
