@@ -1,0 +1,106 @@
+"""MAR encoder/decoder, masking and the release key table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from flax import nnx
+
+from unipic_jax.convert.hf import DictSource, load_state, torch_tensors
+from unipic_jax.convert.mapping import KeyMap
+from unipic_jax.models import mar as M
+
+CFG = M.MARConfig.preset("tiny")  # width 32, 4 heads, buffer 4, 4x4 grid, 4 latent channels
+
+
+@pytest.fixture(scope="module")
+def model():
+    return M.MAR(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("h,w", [(4, 4), (2, 3), (6, 8)])
+def test_position_tables_resize_like_torch_bilinear(model, h, w):
+    table = np.asarray(model.encoder_pos_embed[...])[0]
+    ref = torch.nn.functional.interpolate(
+        torch.tensor(table[4:].reshape(1, 4, 4, -1)).permute(0, 3, 1, 2), size=(h, w), mode="bilinear"
+    ).permute(0, 2, 3, 1).reshape(h * w, -1).numpy()
+    got = np.asarray(model._pos(model.encoder_pos_embed, h, w, buffer=True))
+    np.testing.assert_array_equal(got[:4], table[:4])  # the buffer part is never resized
+    np.testing.assert_allclose(got[4:], ref, atol=1e-6)
+
+
+def test_masked_tokens_are_invisible_to_the_encoder(model):
+    rs = np.random.RandomState(0)
+    tokens = jnp.asarray(rs.randn(2, 16, 4), jnp.float32)
+    mask = M.mask_by_order(M.random_orders(jax.random.key(1), 2, 16), 11)
+    out = model.encode(tokens, mask)
+    assert out.shape == (2, 4 + 16, 32)
+    # dropping the masked tokens (as MAR does) gives the same visible features
+    for b in range(2):
+        vis = np.flatnonzero(np.asarray(mask[b]) == 0)
+        x = model.z_proj(tokens[b:b + 1])
+        x = jnp.concatenate([jnp.broadcast_to(model.fake_latent[...][None], (1, 4, 32)), x], 1)
+        x = model.z_proj_ln(x + model._pos(model.encoder_pos_embed, 4, 4, True))
+        keep = np.concatenate([np.arange(4), 4 + vis])
+        x = x[:, keep]
+        for block in model.encoder_blocks:
+            x = block(x, None)
+        np.testing.assert_allclose(out[b, keep], model.encoder_norm(x)[0], atol=1e-5)
+        assert np.all(np.asarray(out[b, 4 + np.flatnonzero(np.asarray(mask[b]))]) == 0)
+    # changing a masked token changes nothing
+    other = tokens.at[0, int(np.flatnonzero(np.asarray(mask[0]))[0])].add(5.0)
+    np.testing.assert_allclose(model.encode(other, mask), out, atol=1e-6)
+
+
+def test_decoder_fills_masked_slots_and_uses_x_con_for_editing(model):
+    rs = np.random.RandomState(1)
+    tokens = jnp.asarray(rs.randn(1, 12, 4), jnp.float32)
+    mask = jnp.asarray([[1.0] * 6 + [0.0] * 6])
+    enc = model.encode(tokens, mask, image_shape=(3, 4))
+    z = model.decode(enc, mask, image_shape=(3, 4))
+    assert z.shape == (1, 12, 32) and np.isfinite(z).all()
+    src = model.encode(jnp.asarray(rs.randn(1, 12, 4), jnp.float32), None, image_shape=(3, 4))
+    z_edit = model.decode(enc, mask, image_shape=(3, 4), x_con=src)
+    assert not np.allclose(z, z_edit)
+    with pytest.raises(ValueError, match="grid"):
+        model.encode(tokens, mask, image_shape=(4, 4))
+
+
+def test_mask_ratio_is_the_truncated_normal():
+    r = np.asarray(jax.vmap(M.sample_mask_ratio)(jax.random.split(jax.random.key(0), 20000)))
+    assert r.min() >= 0.7 and r.max() <= 1.0
+    ref = scipy.stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(r, q) - ref.ppf(q)) < 0.01
+    m = M.training_mask(jax.random.key(3), 5, 64)
+    counts = np.asarray(m.sum(1))
+    assert len(set(counts.tolist())) == 1 and 0.7 * 64 <= counts[0] <= 64  # one ratio per batch
+
+
+def test_sampling_schedule():
+    L, K = 16, 4
+    remaining, seq = L, []
+    for step in range(K):
+        remaining = int(M.masked_after_step(L, step, K, remaining)) if step < K - 1 else 0
+        seq.append(remaining)
+    assert seq == [14, 11, 6, 0]  # floor(16 cos(pi/2 k/4)) for k = 1..3, then all sampled
+    assert int(M.masked_after_step(16, 0, 64, 16)) == 15  # always at least one token per step
+    assert int(M.masked_after_step(16, 62, 64, 2)) == 1  # at least one stays masked until the last step
+
+
+def test_release_key_round_trip(model):
+    km = KeyMap(M.TORCH_RULES, M.TORCH_IGNORED)
+    state = dict(torch_tensors(model, km))
+    assert state["encoder_blocks.1.attn.qkv.weight"].shape == (96, 32)
+    assert state["encoder_pos_embed_learned"].shape == (1, 20, 32)
+    assert state["mask_token"].shape == (1, 1, 32) and state["fake_latent"].shape == (1, 32)
+    state["class_emb.weight"] = np.zeros((10, 32), np.float32)  # in the release, unused: ignored
+    abstract = nnx.eval_shape(lambda: M.MAR(CFG, rngs=nnx.Rngs(0)))
+    back = load_state(abstract, DictSource(state), km, progress=False)
+    again = dict(torch_tensors(back, km))
+    for k, v in again.items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
+    x = jnp.asarray(np.random.RandomState(2).randn(1, 16, 4), jnp.float32)
+    np.testing.assert_array_equal(back.encode(x), model.encode(x))

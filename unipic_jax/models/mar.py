@@ -1,0 +1,241 @@
+"""MAR's masked-autoencoder encoder and decoder (as UniPic-1 / Harmon use them), Flax NNX.
+
+Tokens are VAE latent pixels in raster order: ``tokens (B, L, C)`` with ``L = h·w``; ``mask
+(B, L)`` is 1 where a token is masked (to be generated), as in MAR. Both stacks are pre-norm
+ViT blocks (LayerNorm eps 1e-6, qkv bias, exact GELU MLP of ratio 4).
+
+Encoder::
+
+    x = [buffer | z_proj(tokens)] + pos_enc            buffer: ``buffer_size`` slots of ``fake_latent``
+    x = z_proj_ln(x); blocks over the visible tokens (and the buffer); encoder_norm
+
+Decoder::
+
+    x = decoder_embed(x_enc) at visible slots, ``mask_token`` (or ``decoder_embed(x_con)`` for
+        editing) at masked ones; + pos_dec; blocks; decoder_norm; drop the buffer; + pos_diff
+    → per-token condition ``z (B, L, W)`` for the diffusion head.
+
+The position embeddings are learned for a ``grid × grid`` image (plus the buffer); for another
+token grid only the image part is resized, bilinearly at half-pixel centres without
+antialiasing (as ``F.interpolate(mode="bilinear")``). Masked tokens are excluded from the
+encoder's attention by a key mask instead of being dropped, so shapes stay static under
+``jit``; the visible tokens' outputs are the same, and masked slots are returned as zeros.
+
+Parameters keep the release's names (``mar.*``, see :data:`TORCH_RULES`); the unused
+``class_emb`` of the release is not created (the converter reports it as ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unipic_jax import sharding
+from unipic_jax.convert.mapping import Rule
+from unipic_jax.models.layers import Dense, LayerNorm, attention, param, resize_grid
+
+
+@dataclasses.dataclass(frozen=True)
+class MARConfig:
+    token_dim: int = 16  # VAE latent channels (patch size 1)
+    width: int = 1280
+    encoder_depth: int = 20
+    decoder_depth: int = 20
+    num_heads: int = 16
+    mlp_ratio: int = 4
+    buffer_size: int = 64
+    grid: int = 32  # side of the token grid the position embeddings are learned for (512 / 16)
+    mask_ratio_min: float = 0.7
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+    def replace(self, **kw) -> "MARConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MARConfig":
+        if name not in PRESETS:
+            raise ValueError(f"Unknown MAR preset {name!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[name].replace(**overrides)
+
+
+PRESETS = {
+    "huge": MARConfig(),
+    "tiny": MARConfig(token_dim=4, width=32, encoder_depth=2, decoder_depth=2, num_heads=4, buffer_size=4, grid=4),
+}
+
+
+def _kw(cfg, rngs):
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """timm's ViT block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, cfg: MARConfig, *, rngs: nnx.Rngs):
+        W, H = cfg.width, cfg.num_heads
+        self.norm1 = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.qkv = Dense(W, (3, H, W // H), in_axes=("embed",), out_axes=(None, "heads", "head_dim"), **_kw(cfg, rngs))
+        self.proj = Dense((H, W // H), W, in_axes=("heads", "head_dim"), out_axes=("embed",), **_kw(cfg, rngs))
+        self.norm2 = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.fc1 = Dense(W, cfg.mlp_ratio * W, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
+        self.fc2 = Dense(cfg.mlp_ratio * W, W, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs))
+
+    def __call__(self, x, mask):
+        qkv = self.qkv(self.norm1(x))
+        x = x + self.proj(attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], mask))
+        h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False)
+        return sharding.constrain(x + self.fc2(h), ("batch", "length", "act_embed"))
+
+
+def _run(blocks, x, mask, remat: bool):
+    for block in blocks:
+        x = nnx.remat(lambda b, x, m: b(x, m))(block, x, mask) if remat else block(x, mask)
+    return x
+
+
+class MAR(nnx.Module):
+    def __init__(self, cfg: MARConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        W, S, L = cfg.width, cfg.buffer_size, cfg.grid**2
+        init = jax.nn.initializers.normal(0.02)
+        self.fake_latent = param(rngs, init, (1, W), (None, "embed"), cfg.param_dtype)
+        self.z_proj = Dense(cfg.token_dim, W, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
+        self.z_proj_ln = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.encoder_pos_embed = param(rngs, init, (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
+        self.encoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.decoder_embed = Dense(W, W, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
+        self.mask_token = param(rngs, init, (1, 1, W), (None, None, "embed"), cfg.param_dtype)
+        self.decoder_pos_embed = param(rngs, init, (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
+        self.decoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.diffusion_pos_embed = param(rngs, init, (1, L, W), (None, None, "embed"), cfg.param_dtype)
+
+    def _pos(self, table, h: int, w: int, buffer: bool) -> jax.Array:
+        """A position table for an ``h × w`` token grid (the buffer part is kept as learned)."""
+        cfg = self.config
+        t = table[...][0]
+        S = cfg.buffer_size if buffer else 0
+        image = t[S:]
+        if (h, w) != (cfg.grid, cfg.grid):
+            image = resize_grid(image.reshape(cfg.grid, cfg.grid, -1), h, w).reshape(h * w, -1)
+        return jnp.concatenate([t[:S], image]).astype(cfg.dtype)
+
+    def _check(self, tokens, mask, image_shape):
+        B, L, _ = tokens.shape
+        h, w = image_shape if image_shape is not None else (self.config.grid, self.config.grid)
+        if h * w != L:
+            raise ValueError(f"{L} tokens do not form the {h}x{w} grid given by image_shape")
+        if mask is not None and mask.shape != (B, L):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(B, L)}")
+        return h, w
+
+    def encode(self, tokens, mask=None, image_shape=None, buffer=None) -> jax.Array:
+        """Encoder output ``(B, buffer_size + L, W)``; masked slots are zero.
+
+        ``buffer (B, buffer_size or 1, W)`` replaces ``fake_latent`` in the buffer slots."""
+        cfg = self.config
+        h, w = self._check(tokens, mask, image_shape)
+        B, L, _ = tokens.shape
+        x = self.z_proj(tokens.astype(cfg.dtype))
+        if buffer is None:
+            buffer = self.fake_latent[...][None]
+        x = jnp.concatenate([jnp.broadcast_to(buffer.astype(cfg.dtype), (B, cfg.buffer_size, x.shape[-1])), x], 1)
+        x = self.z_proj_ln(x + self._pos(self.encoder_pos_embed, h, w, True))
+        visible = jnp.ones((B, cfg.buffer_size + L), bool)
+        if mask is not None:
+            visible = visible.at[:, cfg.buffer_size:].set(~mask.astype(bool))
+        x = _run(self.encoder_blocks, x, visible[:, None, None, :], cfg.remat)
+        return jnp.where(visible[..., None], self.encoder_norm(x), 0)
+
+    def decode(self, x_enc, mask, image_shape=None, x_con=None) -> jax.Array:
+        """Diffusion conditions ``z (B, L, W)`` from the encoder output; masked slots take
+        ``mask_token`` or, for editing, ``decoder_embed(x_con)`` (``x_con`` an encoder output)."""
+        cfg = self.config
+        B = x_enc.shape[0]
+        L = x_enc.shape[1] - cfg.buffer_size
+        h, w = image_shape if image_shape is not None else (cfg.grid, cfg.grid)
+        if h * w != L or mask.shape != (B, L):
+            raise ValueError(f"decode got x_enc {x_enc.shape} and mask {mask.shape} for a {h}x{w} grid")
+        x = self.decoder_embed(x_enc)
+        fill = self.decoder_embed(x_con) if x_con is not None else jnp.broadcast_to(
+            self.mask_token[...].astype(cfg.dtype), x.shape)
+        masked = jnp.concatenate([jnp.zeros((B, cfg.buffer_size), bool), mask.astype(bool)], 1)
+        x = jnp.where(masked[..., None], fill, x) + self._pos(self.decoder_pos_embed, h, w, True)
+        x = self.decoder_norm(_run(self.decoder_blocks, x, None, cfg.remat))
+        return x[:, cfg.buffer_size:] + self._pos(self.diffusion_pos_embed, h, w, False)
+
+
+# -- masking -------------------------------------------------------------------------------
+
+
+def sample_mask_ratio(key, mask_ratio_min: float = 0.7) -> jax.Array:
+    """One ratio per batch from N(1, 0.25²) truncated to ``[mask_ratio_min, 1]``."""
+    return 1.0 + 0.25 * jax.random.truncated_normal(key, (mask_ratio_min - 1.0) / 0.25, 0.0)
+
+
+def random_orders(key, batch: int, length: int) -> jax.Array:
+    """A random generation order (a permutation of ``range(length)``) per row, ``(B, L)`` int32."""
+    return jax.vmap(lambda k: jax.random.permutation(k, length))(jax.random.split(key, batch)).astype(jnp.int32)
+
+
+def mask_by_order(orders: jax.Array, num_masked) -> jax.Array:
+    """``(B, L)`` float mask with 1 at the first ``num_masked`` positions of each row's order."""
+    ranks = jnp.argsort(orders, axis=-1)
+    return (ranks < num_masked).astype(jnp.float32)
+
+
+def training_mask(key, batch: int, length: int, mask_ratio_min: float = 0.7) -> jax.Array:
+    """MAR's training mask: ``ceil(L · ratio)`` tokens masked along a random order per row."""
+    k1, k2 = jax.random.split(key)
+    n = jnp.ceil(length * sample_mask_ratio(k1, mask_ratio_min)).astype(jnp.int32)
+    return mask_by_order(random_orders(k2, batch, length), n)
+
+
+def masked_after_step(length: int, step, num_iter: int, currently_masked) -> jax.Array:
+    """Tokens still masked after sampling step ``step`` (0-based) of ``num_iter``:
+    ``floor(L · cos(π/2 · (step+1)/num_iter))``, at least 1 and at most ``currently_masked − 1``."""
+    n = jnp.floor(length * jnp.cos(math.pi / 2.0 * (step + 1) / num_iter))
+    return jnp.maximum(1.0, jnp.minimum(currently_masked - 1.0, n)).astype(jnp.int32)
+
+
+def _block_rules(prefix: str) -> tuple[Rule, ...]:
+    p = f"{prefix}_blocks.{{}}"
+    return (
+        Rule(f"{p}.norm1.weight", f"{p}.norm1.scale"), Rule(f"{p}.norm1.bias", f"{p}.norm1.bias"),
+        Rule(f"{p}.attn.qkv.weight", f"{p}.qkv.kernel", "reshape", 3),
+        Rule(f"{p}.attn.qkv.bias", f"{p}.qkv.bias", "reshape", 3),
+        Rule(f"{p}.attn.proj.weight", f"{p}.proj.kernel", "reshape", 1),
+        Rule(f"{p}.attn.proj.bias", f"{p}.proj.bias"),
+        Rule(f"{p}.norm2.weight", f"{p}.norm2.scale"), Rule(f"{p}.norm2.bias", f"{p}.norm2.bias"),
+        Rule(f"{p}.mlp.fc1.weight", f"{p}.fc1.kernel"), Rule(f"{p}.mlp.fc1.bias", f"{p}.fc1.bias"),
+        Rule(f"{p}.mlp.fc2.weight", f"{p}.fc2.kernel"), Rule(f"{p}.mlp.fc2.bias", f"{p}.fc2.bias"),
+    )
+
+
+# Keys relative to the release's ``mar.`` prefix (the diffusion head's come from diffloss.py).
+TORCH_RULES = (
+    Rule("fake_latent", "fake_latent"),
+    Rule("z_proj.weight", "z_proj.kernel"), Rule("z_proj.bias", "z_proj.bias"),
+    Rule("z_proj_ln.weight", "z_proj_ln.scale"), Rule("z_proj_ln.bias", "z_proj_ln.bias"),
+    Rule("encoder_pos_embed_learned", "encoder_pos_embed"),
+    *_block_rules("encoder"),
+    Rule("encoder_norm.weight", "encoder_norm.scale"), Rule("encoder_norm.bias", "encoder_norm.bias"),
+    Rule("decoder_embed.weight", "decoder_embed.kernel"), Rule("decoder_embed.bias", "decoder_embed.bias"),
+    Rule("mask_token", "mask_token"),
+    Rule("decoder_pos_embed_learned", "decoder_pos_embed"),
+    *_block_rules("decoder"),
+    Rule("decoder_norm.weight", "decoder_norm.scale"), Rule("decoder_norm.bias", "decoder_norm.bias"),
+    Rule("diffusion_pos_embed_learned", "diffusion_pos_embed"),
+)
+TORCH_IGNORED = (r"class_emb\.weight",)
