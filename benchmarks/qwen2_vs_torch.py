@@ -56,9 +56,8 @@ def median_time(fn, repeats):
 def main():
     args = parse()
     # both frameworks get the same thread budget; must be set before jax/torch start
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}"
-    )
+    threads = f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + threads
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["HF_HUB_OFFLINE"] = "1"
     import jax
@@ -133,7 +132,8 @@ def main():
                 acc.append(median_time(fn, 1))
     for name, (pre, one, full) in times.items():
         results[f"{name}_prefill_s"] = statistics.median(pre)
-        results[f"{name}_decode_tok_s"] = args.batch * args.new / max(statistics.median(full) - statistics.median(one), 1e-9)
+        decode_s = max(statistics.median(full) - statistics.median(one), 1e-9)
+        results[f"{name}_decode_tok_s"] = args.batch * args.new / decode_s
 
     # The floor for batch-1 decode: every step reads every weight once. Time a GEMV over
     # as many float32 bytes as the model has (best of a few) to get this machine's bandwidth.

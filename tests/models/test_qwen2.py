@@ -215,7 +215,7 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(jnp.zeros((5,), jnp.int32))
     with pytest.raises(ValueError, match="num_kv_heads"):
         qwen2.Qwen2Config.preset("tiny", num_kv_heads=3)
-    with pytest.raises(ValueError, match="Unknown Qwen2 preset"):
+    with pytest.raises(ValueError, match="Unknown Qwen2Config preset"):
         qwen2.Qwen2Config.preset("qwen9")
 
 

@@ -34,11 +34,11 @@ from flax import nnx
 
 from unipic_jax.convert.mapping import Rule
 from unipic_jax.models import diffusion
-from unipic_jax.models.layers import Dense, LayerNorm
+from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class DiffLossConfig:
+class DiffLossConfig(PresetConfig):
     in_channels: int = 16  # VAE latent channels (one token)
     z_channels: int = 1280  # MAR decoder width
     width: int = 1536
@@ -51,8 +51,11 @@ class DiffLossConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
-    def replace(self, **kw) -> "DiffLossConfig":
-        return dataclasses.replace(self, **kw)
+
+PRESETS = {
+    "unipic": DiffLossConfig(),
+    "tiny": DiffLossConfig(in_channels=4, z_channels=32, width=32, depth=2, batch_mul=2, sampling_steps="20"),
+}
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

@@ -7,7 +7,9 @@ Layouts: activations are ``(batch, length, ...)``; attention tensors are
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -15,6 +17,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 Initializer = jax.nn.initializers.Initializer
+
+
+class PresetConfig:
+    """``replace`` and ``preset`` for the frozen config dataclasses; each model module
+    defines ``PRESETS`` (name → config) next to its config class."""
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        presets = sys.modules[cls.__module__].PRESETS
+        if name not in presets:
+            raise ValueError(f"Unknown {cls.__name__} preset {name!r}; choose from {sorted(presets)}")
+        return presets[name].replace(**overrides)
 
 
 def param(

@@ -36,11 +36,11 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax.convert.mapping import Rule
-from unipic_jax.models.layers import Dense, LayerNorm, attention, param, resize_grid
+from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, attention, param, resize_grid
 
 
 @dataclasses.dataclass(frozen=True)
-class MARConfig:
+class MARConfig(PresetConfig):
     token_dim: int = 16  # VAE latent channels (patch size 1)
     width: int = 1280
     encoder_depth: int = 20
@@ -57,15 +57,6 @@ class MARConfig:
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-
-    def replace(self, **kw) -> "MARConfig":
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "MARConfig":
-        if name not in PRESETS:
-            raise ValueError(f"Unknown MAR preset {name!r}; choose from {sorted(PRESETS)}")
-        return PRESETS[name].replace(**overrides)
 
 
 PRESETS = {

@@ -38,11 +38,13 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax.convert.mapping import Rule
-from unipic_jax.models.layers import Dense, RMSNorm, apply_rope, attention, param, rope_sin_cos
+from unipic_jax.models.layers import (
+    Dense, PresetConfig, RMSNorm, apply_rope, attention, param, rope_sin_cos,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2Config:
+class Qwen2Config(PresetConfig):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -78,14 +80,6 @@ class Qwen2Config:
         e = self.eos_token_id
         return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
-    def replace(self, **kw) -> "Qwen2Config":
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "Qwen2Config":
-        if name not in PRESETS:
-            raise ValueError(f"Unknown Qwen2 preset {name!r}; choose from {sorted(PRESETS)}")
-        return PRESETS[name].replace(**overrides)
 
     def num_params(self) -> int:
         D, F, H, K, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim

@@ -42,11 +42,11 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax.convert.mapping import Rule
-from unipic_jax.models.layers import Dense, LayerNorm, attention, param, resize_weights
+from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, attention, param, resize_weights
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipConfig:
+class SiglipConfig(PresetConfig):
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -83,15 +83,6 @@ class SiglipConfig:
     @property
     def grid(self) -> int:
         return math.isqrt(self.num_patches)
-
-    def replace(self, **kw) -> "SiglipConfig":
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "SiglipConfig":
-        if name not in PRESETS:
-            raise ValueError(f"Unknown SigLIP preset {name!r}; choose from {sorted(PRESETS)}")
-        return PRESETS[name].replace(**overrides)
 
 
 _SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, patch_size=16)

@@ -170,9 +170,10 @@ def answer_batch(model: SiglipUnderstanding, tokenizer, images, questions, max_n
 
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    if tok_lib.image_token_id(tokenizer) != model.config.image_token_id:
-        raise ValueError(f"The tokenizer's {tok_lib.IMAGE_TOKEN} id is {tok_lib.image_token_id(tokenizer)} but the model "
-                         f"expects {model.config.image_token_id}; build the model with image_token_id= the tokenizer's.")
+    tok_id = tok_lib.image_token_id(tokenizer)
+    if tok_id != model.config.image_token_id:
+        raise ValueError(f"The tokenizer's {tok_lib.IMAGE_TOKEN} id is {tok_id} but the model expects "
+                         f"{model.config.image_token_id}; build the model with image_token_id={tok_id}.")
     images = [image_lib.load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im
               for im in images]
     pv, pmask, shapes = preprocess(model.config.vision, images)

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unipic_jax.convert.mapping import Rule
-from unipic_jax.models.layers import attention, param
+from unipic_jax.models.layers import PresetConfig, attention, param
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(PresetConfig):
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2  # encoder blocks per level; the decoder has one more
@@ -54,15 +54,6 @@ class VAEConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
-
-    def replace(self, **kw) -> "VAEConfig":
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "VAEConfig":
-        if name not in PRESETS:
-            raise ValueError(f"Unknown VAE preset {name!r}; choose from {sorted(PRESETS)}")
-        return PRESETS[name].replace(**overrides)
 
 
 PRESETS = {
