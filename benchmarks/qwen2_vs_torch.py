@@ -144,7 +144,6 @@ def main():
     t_gemv = min(median_time(lambda: gemv(x, weights).block_until_ready(), 3) for _ in range(3))
     results["bandwidth_GBps"] = weights.nbytes / t_gemv / 1e9
     results["decode_floor_tok_s"] = args.batch / t_gemv
-    del weights
 
     prefill_speedup = results["torch_prefill_s"] / results["jax_prefill_s"]
     decode_speedup = results["jax_decode_tok_s"] / results["torch_decode_tok_s"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from helpers import assert_same_tensors, rand_ids, read_all
