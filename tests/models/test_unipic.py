@@ -1,0 +1,89 @@
+"""The UniPic composite on the tiny preset: how text, visible tokens and the buffer flow."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from unipic_jax.models import mar as M
+from unipic_jax.models import unipic as U
+
+CFG = U.UniPicConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return U.UniPic(CFG, rngs=nnx.Rngs(0))
+
+
+def batch(seed=0, B=2, T=6):
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, 900, (B, T)).astype(np.int32)
+    mask_t = np.ones((B, T), bool)
+    if B > 1:
+        mask_t[-1, 4:] = False  # the last row is right-padded
+    latents = jnp.asarray(rs.randn(B, 4, 4, 4), jnp.float32)
+    return jnp.asarray(ids), jnp.asarray(mask_t), latents
+
+
+def test_condition_ignores_masked_tokens_and_padding(model):
+    ids, tmask, lat = batch()
+    mask = M.mask_by_order(M.random_orders(jax.random.key(0), 2, 16), 10)
+    z = model.condition(ids, tmask, lat, mask)
+    assert z.shape == (2, 16, CFG.mar.width) and np.isfinite(z).all()
+    # masked latents are unseen by the encoder and by the LLM
+    noisy = jnp.where(mask[..., None].reshape(2, 4, 4, 1) > 0, lat + 3.0, lat)
+    np.testing.assert_allclose(model.condition(ids, tmask, noisy, mask), z, atol=1e-5)
+    # more right padding on the text changes nothing (positions are cumsum(mask) - 1)
+    pad_ids = jnp.concatenate([ids, jnp.full((2, 3), 7, jnp.int32)], 1)
+    pad_mask = jnp.concatenate([tmask, jnp.zeros((2, 3), bool)], 1)
+    np.testing.assert_allclose(model.condition(pad_ids, pad_mask, lat, mask), z, atol=1e-5)
+    # the prompt matters
+    other = model.condition(ids.at[0, 0].set(5), tmask, lat, mask)
+    assert not np.allclose(other[0], z[0]) and np.allclose(other[1], z[1], atol=1e-5)
+
+
+def test_encode_image_layout(model):
+    _, _, lat = batch(1)
+    x_enc, z_enc = model.encode_image(lat)
+    S = CFG.mar.buffer_size
+    assert x_enc.shape == (2, S + 16, CFG.mar.width) and z_enc.shape == (2, 16 + S, CFG.llm.hidden_size)
+    np.testing.assert_allclose(z_enc[:, -S:], model.proj_in(x_enc[:, :S]), atol=1e-6)  # buffer last for the LLM
+    np.testing.assert_allclose(z_enc[:, :16], model.proj_in(x_enc[:, S:]), atol=1e-6)
+
+
+def test_understand_logits_writes_the_image_at_its_slots(model):
+    _, _, lat = batch(2, B=1)
+    S = CFG.mar.buffer_size
+    ids = jnp.asarray([[5, 6] + [CFG.image_token_id] * (16 + S) + [8, 9, 10]], jnp.int32)
+    logits = model.understand_logits(ids, jnp.ones_like(ids, bool), lat)
+    assert logits.shape == (1, ids.shape[1], CFG.llm.vocab_size)
+    _, z_enc = model.encode_image(lat)
+    embeds = model.llm.embedder(ids).at[:, 2:2 + 16 + S].set(z_enc)
+    np.testing.assert_allclose(logits, model.llm(inputs_embeds=embeds), atol=1e-5)
+
+
+def test_t2i_loss_decreases_on_a_fixed_batch():
+    model = U.UniPic(CFG, rngs=nnx.Rngs(1))
+    ids, tmask, lat = batch(3)
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, key):
+        loss, grads = nnx.value_and_grad(lambda m: m.t2i_loss(ids, tmask, lat, key))(model)
+        opt.update(model, grads)
+        return loss
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    before = np.mean([float(model.t2i_loss(ids, tmask, lat, k)) for k in keys])
+    for i in range(25):
+        step(model, opt, jax.random.key(100 + i))
+    after = np.mean([float(model.t2i_loss(ids, tmask, lat, k)) for k in keys])
+    assert after < 0.9 * before, (before, after)
+
+
+def test_config_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not fit"):
+        U.UniPicConfig(llm=CFG.llm, mar=CFG.mar.replace(width=48), diffloss=CFG.diffloss, vae=CFG.vae)
