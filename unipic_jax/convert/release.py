@@ -36,13 +36,10 @@ from unipic_jax.models import diffloss as diffloss_lib
 from unipic_jax.models import mar as mar_lib
 from unipic_jax.models import qwen2, unipic
 from unipic_jax.models import vae as vae_lib
+from unipic_jax.models.layers import PROJECTOR_RULES
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_RULES = (
-    Rule("0.weight", "fc1.kernel"), Rule("0.bias", "fc1.bias"),
-    Rule("2.weight", "fc2.kernel"), Rule("2.bias", "fc2.bias"),
-)
 UNUSED = (r"siglip2\..*", r"siglip2_proj\..*", r"mar\.class_emb\.weight")
 
 

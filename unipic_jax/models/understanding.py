@@ -29,9 +29,8 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax import tokenizer as tok_lib
-from unipic_jax.convert.mapping import Rule
 from unipic_jax.models import qwen2, siglip2
-from unipic_jax.models.layers import MLPProjector
+from unipic_jax.models.layers import PROJECTOR_RULES, MLPProjector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +208,3 @@ def from_hf(llm_path, vision_path, projector: dict[str, np.ndarray] | None = Non
                                         KeyMap(PROJECTOR_RULES), mesh=mesh, progress=False)
     return model
 
-
-PROJECTOR_RULES = (
-    Rule("0.weight", "fc1.kernel"), Rule("0.bias", "fc1.bias"),
-    Rule("2.weight", "fc2.kernel"), Rule("2.bias", "fc2.bias"),
-)
