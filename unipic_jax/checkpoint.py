@@ -2,7 +2,7 @@
 
 Layout of a model checkpoint folder::
 
-    DIR/config.json    {"family": "qwen2", "config": {...the model config dataclass...}}
+    DIR/config.json    {"family": "qwen2" | "siglip" | "unipic", "config": {...the config dataclass...}}
     DIR/params/        an Orbax PyTree checkpoint of the model's ``nnx.Param`` state
 
 Orbax writes ``params/`` into a temporary folder and renames it when complete, and
@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.convert.hf import families, family_of_config
+from unipic_jax.convert.hf import families
 
 CONFIG = "config.json"
 PARAMS = "params"
@@ -35,10 +35,26 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or does not match."""
 
 
+def model_kinds() -> dict[str, tuple[type, Any]]:
+    """Family name → (config type, ``build(cfg, rngs)``) for every model a checkpoint may hold."""
+    from unipic_jax.models import unipic
+
+    kinds = {name: (fam.config_type, fam.build) for name, fam in families().items()}
+    kinds["unipic"] = (unipic.UniPicConfig, lambda cfg, rngs: unipic.UniPic(cfg, rngs=rngs))
+    return kinds
+
+
+def kind_of_config(cfg: Any) -> str:
+    for name, (cfg_type, _) in model_kinds().items():
+        if isinstance(cfg, cfg_type):
+            return name
+    raise CheckpointError(f"No checkpoint family holds a {type(cfg).__name__}")
+
+
 def save_model(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool = False) -> Path:
     """Saves ``model``'s parameters and config under ``path`` (see the module docstring)."""
     path = Path(path).absolute()
-    name = family_of_config(model.config).name
+    name = kind_of_config(model.config)
     if (path / CONFIG).exists() or (path / PARAMS).exists():
         if not overwrite:
             raise FileExistsError(f"{path} already holds a checkpoint; pass overwrite=True to replace it.")
@@ -60,15 +76,14 @@ def read_config(path: str | os.PathLike, **overrides) -> Any:
         hint = " (params/ exists: the save was interrupted before it finished)" if (path / PARAMS).exists() else ""
         raise CheckpointError(f"{path} is not a unipic-jax model checkpoint: no {CONFIG}{hint}.")
     meta = json.loads((path / CONFIG).read_text())
-    fams = families()
-    if meta.get("family") not in fams:
-        raise CheckpointError(f"{path}/{CONFIG} names family {meta.get('family')!r}; known: {sorted(fams)}")
-    cfg_type = fams[meta["family"]].config_type
-    fields = {f.name for f in dataclasses.fields(cfg_type)}
-    unknown = set(meta["config"]) - fields
-    if unknown:
-        raise CheckpointError(f"{path}/{CONFIG} has fields {sorted(unknown)} that {cfg_type.__name__} lacks.")
-    cfg = cfg_type(**meta["config"])
+    kinds = model_kinds()
+    if meta.get("family") not in kinds:
+        raise CheckpointError(f"{path}/{CONFIG} names family {meta.get('family')!r}; known: {sorted(kinds)}")
+    cfg_type = kinds[meta["family"]][0]
+    try:
+        cfg = cfg_type.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{CONFIG} does not describe a {cfg_type.__name__}: {e}") from e
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -81,11 +96,12 @@ def load_model(
     keyword arguments override config fields (e.g. ``remat="full"``).
     """
     path = Path(path).absolute()
-    if dtype is not None:
-        overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
     cfg = read_config(path, **overrides)
-    fam = family_of_config(cfg)
-    abstract = nnx.eval_shape(lambda: fam.build(cfg, nnx.Rngs(0)))
+    if dtype is not None:
+        name = jnp.dtype(dtype).name
+        cfg = cfg.with_dtype(name) if hasattr(cfg, "with_dtype") else cfg.replace(dtype=name, param_dtype=name)
+    build = model_kinds()[kind_of_config(cfg)][1]
+    abstract = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

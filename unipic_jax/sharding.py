@@ -125,6 +125,19 @@ def initialize_distributed(**kwargs: Any) -> None:
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+def mesh_arg(text: str) -> dict[str, int]:
+    """Parses a command-line mesh, ``"data=2,fsdp=-1,tensor=1"`` → ``{"data": 2, ...}``."""
+    import argparse
+
+    try:
+        out = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
+        MeshConfig.from_any(out)  # validates axis names
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"--mesh takes axis=size pairs like 'data=1,fsdp=-1,tensor=2', got {text!r} ({e})") from e
+    return out
+
+
 def make_mesh(
     cfg: MeshConfig | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:

@@ -56,6 +56,12 @@ def test_round_trip_is_bit_identical_and_dimensions_come_from_tensors(release, t
     assert other.config.llm == CFG.llm and other.config.image_token_id == 1000
     dl = other.config.diffloss  # dimensions from the tensors, sampling settings from the default preset
     assert (dl.width, dl.depth, dl.z_channels, dl.sampling_steps) == (32, 2, 32, "100")
+    # overrides apply before the tensor-read sizes are checked: 32 groups need the tensors' 32 channels
+    wide = U.UniPic(CFG.replace(vae=CFG.vae.replace(ch=32, num_groups=32)), rngs=nnx.Rngs(1))
+    convert.to_unipic(wide, tmp_path / "wide")
+    assert convert.from_unipic(tmp_path / "wide", config={"preset": "tiny", "vae.num_groups": 32}).config == wide.config
+    with pytest.raises(ConversionError, match="no valid UniPicConfig"):
+        convert.from_unipic(tmp_path / "wide", config={"preset": "tiny", "vae.num_groups": 7})
     convert.to_unipic(back, tmp_path / "again")
     for name, inner in (("pytorch_model.bin", None), ("kl16.ckpt", "model")):
         a, b = load(path / name), load(tmp_path / "again" / name)
@@ -86,3 +92,19 @@ def test_unused_and_unknown_keys(release, tmp_path):
     (tmp_path / "r" / "kl16.ckpt").unlink()
     with pytest.raises(ConversionError, match="kl16.ckpt"):
         convert.from_unipic(tmp_path / "r", config="tiny")
+
+
+def test_siglip2_tower_and_projector_round_trip(tmp_path):
+    cfg = U.UniPicConfig.preset("tiny_siglip2")
+    model = U.UniPic(cfg, rngs=nnx.Rngs(4))
+    convert.to_unipic(model, tmp_path / "rel")
+    sd = load(tmp_path / "rel" / "pytorch_model.bin")
+    assert "siglip2.vision_model.encoder.layers.1.mlp.fc2.weight" in sd and "siglip2_proj.2.bias" in sd
+    back = convert.from_unipic(tmp_path / "rel", config="tiny_siglip2")
+    assert back.config == cfg
+    import jax
+
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    # without a vision config the tower is reported unused, not an error
+    assert convert.from_unipic(tmp_path / "rel", config="tiny").config.vision is None

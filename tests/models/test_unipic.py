@@ -87,3 +87,85 @@ def test_t2i_loss_decreases_on_a_fixed_batch():
 def test_config_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="does not fit"):
         U.UniPicConfig(llm=CFG.llm, mar=CFG.mar.replace(width=48), diffloss=CFG.diffloss, vae=CFG.vae)
+
+
+def test_prompt_cache_gives_the_same_condition(model):
+    ids, tmask, lat = batch(4)
+    mask = M.mask_by_order(M.random_orders(jax.random.key(1), 2, 16), 7)
+    cache = model.prefill(model.embed_prompt(ids), tmask, (4, 4))
+    np.testing.assert_allclose(model.condition(latents=lat, mask=mask, cache=cache),
+                               model.condition(ids, tmask, lat, mask), atol=1e-5)
+    with pytest.raises(ValueError, match="too few"):
+        model.condition(latents=jnp.zeros((2, 8, 8, 4)), mask=jnp.zeros((2, 64)), cache=cache)
+
+
+def edit_batch(seed=5):
+    rs = np.random.RandomState(seed)
+    S = CFG.mar.buffer_size
+    ids = np.concatenate([rs.randint(3, 900, (2, 2)), np.full((2, 16 + S), CFG.image_token_id),
+                          rs.randint(3, 900, (2, 4))], 1).astype(np.int32)
+    return (jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(rs.randn(2, 4, 4, 4), jnp.float32),
+            jnp.asarray(rs.randn(2, 4, 4, 4), jnp.float32))
+
+
+def test_edit_loss_sees_the_source_in_the_prompt_and_the_decoder(model):
+    ids, tmask, src, tgt = edit_batch()
+    key = jax.random.key(3)
+    loss = model.edit_loss(ids, tmask, src, tgt, key)
+    assert np.isfinite(loss)
+    assert abs(float(model.edit_loss(ids, tmask, src * 2.0, tgt, key)) - float(loss)) > 1e-6
+    # by hand: x_con into the decoder, z_enc at the <image> slots, the same mask and noise
+    x_con, z_src = model.encode_image(src)
+    embeds = model.embed_prompt(ids, z_src)
+    k_mask, k_loss = jax.random.split(key)
+    mask = M.training_mask(k_mask, 2, 16, CFG.mar.mask_ratio_min)
+    z = model.condition(attention_mask=tmask, latents=tgt, mask=mask, x_con=x_con, inputs_embeds=embeds)
+    want = model.diffloss.loss(tgt.reshape(32, 4), z.reshape(32, -1), mask.reshape(32), k_loss)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_visual_gradient_scale_reaches_the_image_path_only(model):
+    _, _, lat = batch(6, B=1)
+    S = CFG.mar.buffer_size
+    ids = jnp.asarray([[5, 6] + [CFG.image_token_id] * (16 + S) + [8, 9, 10, 11]], jnp.int32)
+    labels = jnp.full_like(ids, -100).at[0, -3:].set(ids[0, -3:])
+    grads = {}
+    for g in (1.0, 0.1):
+        m = nnx.clone(model)
+        m.config = CFG.replace(visual_grad_scale=g)
+        grads[g] = nnx.grad(lambda m: m.understanding_loss(ids, jnp.ones_like(ids, bool), labels, lat))(m)
+    np.testing.assert_allclose(grads[0.1]["proj_in"]["fc1"]["kernel"][...],
+                               0.1 * grads[1.0]["proj_in"]["fc1"]["kernel"][...], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(grads[0.1]["mar"]["z_proj"]["kernel"][...],
+                               0.1 * grads[1.0]["mar"]["z_proj"]["kernel"][...], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(grads[0.1]["llm"]["final_norm"]["scale"][...],
+                               grads[1.0]["llm"]["final_norm"]["scale"][...], rtol=1e-5)
+    assert np.abs(grads[1.0]["proj_in"]["fc1"]["kernel"][...]).max() > 0
+
+
+def test_siglip2_understanding_path():
+    cfg = U.UniPicConfig.preset("tiny_siglip2")
+    model = U.UniPic(cfg, rngs=nnx.Rngs(3))
+    N = cfg.vision.num_patches
+    rs = np.random.RandomState(0)
+    pv = jnp.asarray(rs.randn(1, N, cfg.vision.patch_size ** 2 * 3), jnp.float32)
+    pmask = jnp.ones((1, N), jnp.int32)
+    shapes = jnp.asarray([[4, 4]], jnp.int32)
+    ids = jnp.asarray([[5] + [cfg.image_token_id] * N + [7, 8]], jnp.int32)
+    logits = model.understand_logits(ids, jnp.ones_like(ids, bool), pixel_values=pv, pixel_attention_mask=pmask,
+                                     spatial_shapes=shapes)
+    hidden, _ = model.siglip2(pv, pmask, shapes)
+    embeds = model.llm.embedder(ids).at[:, 1:1 + N].set(model.siglip2_proj(hidden))
+    np.testing.assert_allclose(logits, model.llm(inputs_embeds=embeds), atol=1e-5)
+    with pytest.raises(ValueError, match="needs a vision config"):
+        CFG.replace(understanding="siglip2")
+
+
+@pytest.mark.parametrize("name", sorted(U.PRESETS))
+def test_configs_survive_json(name):
+    import dataclasses
+    import json
+
+    cfg = U.UniPicConfig.preset(name)
+    assert U.UniPicConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    assert cfg.with_dtype("bfloat16").mar.dtype == "bfloat16"

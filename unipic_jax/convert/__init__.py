@@ -6,7 +6,15 @@ read and write the official UniPic-1 release layout. ``python -m unipic_jax.conv
 converts between Hugging Face folders and Orbax checkpoints from the command line.
 """
 
-from unipic_jax.convert.hf import ConversionError, from_hf, to_hf
-from unipic_jax.convert.release import from_unipic, to_unipic
 
 __all__ = ["ConversionError", "from_hf", "from_unipic", "to_hf", "to_unipic"]
+
+_HOME = {"ConversionError": "hf", "from_hf": "hf", "to_hf": "hf", "from_unipic": "release", "to_unipic": "release"}
+
+
+def __getattr__(name):  # lazy: the model modules import convert.mapping, and release imports them
+    if name in _HOME:
+        import importlib
+
+        return getattr(importlib.import_module(f"unipic_jax.convert.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'unipic_jax.convert' has no attribute {name!r}")

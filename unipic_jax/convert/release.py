@@ -7,13 +7,15 @@ Release layout (a folder)::
     kl16.ckpt                               the VAE, {"model": LDM state dict}
     Qwen2.5-1.5B-Instruct/config.json       the LLM's dimensions
 
-Every dimension the tensors can tell (MAR width, depths, buffer size and position grid,
+Every dimension the tensors can tell (MAR width, depths, MLP ratio, buffer size and position grid,
 diffusion-head width and depth, VAE channels, multipliers and blocks) is read from them;
 head counts and group counts come from ``config``: a preset name of ``UniPicConfig``
-(default ``unipic_1_5b``) or a mapping of dotted overrides on it (``{"mar.num_heads": 4}``).
-Torch pickles are read with ``weights_only=True`` and memory-mapped, so the host holds the
-file's pages plus one converted tensor at a time. Keys nobody uses (the SigLIP2 tower and
-its projector, which this composite does not hold, and MAR's ``class_emb``) are reported.
+(default ``unipic_1_5b``) or a mapping of dotted overrides on it (``{"mar.num_heads": 4}``;
+the key ``"preset"`` names another base preset). Torch pickles are read with
+``weights_only=True`` and memory-mapped, so the host holds the file's pages plus one
+converted tensor at a time. With a ``vision`` config (preset ``unipic_1_5b_siglip2``) the
+``siglip2.vision_model.*`` tower and ``siglip2_proj`` are loaded too; otherwise they are
+reported as unused, with MAR's ``class_emb``, which nothing uses.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from unipic_jax.convert.hf import AtomicFolder, ConversionError, DictSource, loa
 from unipic_jax.convert.mapping import KeyMap, Rule
 from unipic_jax.models import diffloss as diffloss_lib
 from unipic_jax.models import mar as mar_lib
-from unipic_jax.models import qwen2, unipic
+from unipic_jax.models import qwen2, siglip2, unipic
 from unipic_jax.models import vae as vae_lib
 from unipic_jax.models.layers import PROJECTOR_RULES
 
 log = logging.getLogger(__name__)
 
-UNUSED = (r"siglip2\..*", r"siglip2_proj\..*", r"mar\.class_emb\.weight")
+CLASS_EMB = r"mar\.class_emb\.weight"
+VISION = (r"siglip2\..*", r"siglip2_proj\..*")
 
 
 def prefixed(rules, torch_prefix: str, ours_prefix: str) -> tuple[Rule, ...]:
@@ -50,13 +53,18 @@ def prefixed(rules, torch_prefix: str, ours_prefix: str) -> tuple[Rule, ...]:
 def release_keymap(cfg: unipic.UniPicConfig) -> KeyMap:
     """One table for the whole release: ``pytorch_model.bin`` keys as they are, and the VAE's
     ``kl16.ckpt`` keys under a ``vae.`` prefix."""
-    return KeyMap(
+    rules = (
         prefixed(qwen2.HF_RULES, "llm.", "llm.") + prefixed(mar_lib.TORCH_RULES, "mar.", "mar.")
         + prefixed(diffloss_lib.TORCH_RULES, "mar.diffloss.", "diffloss.")
         + prefixed(PROJECTOR_RULES, "proj_in.", "proj_in.") + prefixed(PROJECTOR_RULES, "proj_out.", "proj_out.")
-        + prefixed(vae_lib.ldm_rules(cfg.vae), "vae.", "vae."),
-        ignore_torch=UNUSED,
+        + prefixed(vae_lib.ldm_rules(cfg.vae), "vae.", "vae.")
     )
+    if cfg.vision is not None:
+        tower = siglip2.HF_RULES_NAFLEX if cfg.vision.naflex else siglip2.HF_RULES_FIXED
+        rules += prefixed(tower, "siglip2.vision_model.", "siglip2.") + prefixed(
+            PROJECTOR_RULES, "siglip2_proj.", "siglip2_proj.")
+        return KeyMap(rules, ignore_torch=(CLASS_EMB,))
+    return KeyMap(rules, ignore_torch=(CLASS_EMB, *VISION))
 
 
 def _to_numpy(v) -> np.ndarray:
@@ -101,16 +109,21 @@ def _count(keys, pattern: str) -> int:
 def config_from_tensors(state: Mapping[str, Any], vae_state: Mapping[str, Any], llm_config: dict,
                         config: str | Mapping[str, Any] | None = None) -> unipic.UniPicConfig:
     """A :class:`UniPicConfig` whose dimensions are read from the tensors."""
-    base = unipic.UniPicConfig.preset(config if isinstance(config, str) else "unipic_1_5b")
-    for dotted, value in (dict(config) if isinstance(config, Mapping) else {}).items():
+    overrides = dict(config) if isinstance(config, Mapping) else {}
+    base = unipic.UniPicConfig.preset(config if isinstance(config, str) else overrides.pop("preset", "unipic_1_5b"))
+    part_kw: dict[str, dict[str, Any]] = {p: {} for p in ("llm", "mar", "diffloss", "vae", "vision")}
+    top: dict[str, Any] = {}
+    for dotted, value in overrides.items():
         part, _, field = dotted.partition(".")
-        if field and hasattr(base, part) and hasattr(getattr(base, part), field):
-            base = dataclasses.replace(base, **{part: getattr(base, part).replace(**{field: value})})
+        sub = getattr(base, part, None) if field and part in part_kw else None
+        if sub is not None and field in {f.name for f in dataclasses.fields(sub)}:
+            part_kw[part][field] = value
         elif not field and part in {f.name for f in dataclasses.fields(base)}:
-            base = dataclasses.replace(base, **{part: value})
+            top[part] = value
         else:
             raise ConversionError(f"Unknown config override {dotted!r}; use 'part.field' with part in "
-                                  "llm, mar, diffloss, vae (e.g. 'mar.num_heads'), or 'image_token_id'")
+                                  "llm, mar, diffloss, vae, vision (e.g. 'mar.num_heads'), a top-level field "
+                                  "such as 'image_token_id', or 'preset'")
     shape = {k: tuple(np.shape(v)) for k, v in state.items()}
     need = ["mar.z_proj.weight", "mar.encoder_pos_embed_learned", "mar.diffusion_pos_embed_learned",
             "mar.diffloss.net.input_proj.weight", "mar.diffloss.net.cond_embed.weight"]
@@ -119,27 +132,34 @@ def config_from_tensors(state: Mapping[str, Any], vae_state: Mapping[str, Any], 
         raise ConversionError(f"The release state dict lacks {missing}; is this a UniPic-1 checkpoint?")
     W, C = shape["mar.z_proj.weight"]
     total, L = shape["mar.encoder_pos_embed_learned"][1], shape["mar.diffusion_pos_embed_learned"][1]
-    grid = int(round(L**0.5))
-    mar = base.mar.replace(
-        token_dim=C, width=W, buffer_size=total - L, grid=grid,
-        encoder_depth=_count(shape, r"mar\.encoder_blocks\.(\d+)\..*"),
-        decoder_depth=_count(shape, r"mar\.decoder_blocks\.(\d+)\..*"),
-    )
-    dl = base.diffloss.replace(
-        in_channels=C, z_channels=shape["mar.diffloss.net.cond_embed.weight"][1],
-        width=shape["mar.diffloss.net.input_proj.weight"][0],
-        depth=_count(shape, r"mar\.diffloss\.net\.res_blocks\.(\d+)\..*"),
-    )
     vshape = {k: tuple(np.shape(v)) for k, v in vae_state.items()}
     if "encoder.conv_in.weight" not in vshape:
         raise ConversionError("kl16.ckpt lacks encoder.conv_in.weight; is it the LDM KL VAE?")
     ch = vshape["encoder.conv_in.weight"][0]
     levels = _count(vshape, r"encoder\.down\.(\d+)\..*")
-    mult = tuple(vshape[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
-    vae = base.vae.replace(ch=ch, ch_mult=mult, num_res_blocks=_count(vshape, r"encoder\.down\.0\.block\.(\d+)\..*"),
-                           embed_dim=vshape["quant_conv.weight"][0] // 2)
-    llm = qwen2.config_from_hf(llm_config, dtype=base.llm.dtype, param_dtype=base.llm.param_dtype)
-    return dataclasses.replace(base, llm=llm, mar=mar, diffloss=dl, vae=vae)
+    # overrides first, then what the tensors say (they cannot be overridden); validated once
+    read = {
+        "mar": dict(token_dim=C, width=W, buffer_size=total - L, grid=int(round(L**0.5)),
+                    mlp_ratio=shape.get("mar.encoder_blocks.0.mlp.fc1.weight", (4 * W,))[0] // W,
+                    encoder_depth=_count(shape, r"mar\.encoder_blocks\.(\d+)\..*"),
+                    decoder_depth=_count(shape, r"mar\.decoder_blocks\.(\d+)\..*")),
+        "diffloss": dict(in_channels=C, z_channels=shape["mar.diffloss.net.cond_embed.weight"][1],
+                         width=shape["mar.diffloss.net.input_proj.weight"][0],
+                         depth=_count(shape, r"mar\.diffloss\.net\.res_blocks\.(\d+)\..*")),
+        "vae": dict(ch=ch, ch_mult=tuple(vshape[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch
+                                         for i in range(levels)),
+                    num_res_blocks=_count(vshape, r"encoder\.down\.0\.block\.(\d+)\..*"),
+                    embed_dim=vshape["quant_conv.weight"][0] // 2),
+    }
+    try:
+        parts = {p: getattr(base, p).replace(**{**part_kw[p], **read[p]}) for p in read}
+        parts["llm"] = qwen2.config_from_hf(llm_config, dtype=base.llm.dtype, param_dtype=base.llm.param_dtype)
+        parts["llm"] = parts["llm"].replace(**part_kw["llm"])
+        if part_kw["vision"]:
+            parts["vision"] = base.vision.replace(**part_kw["vision"])
+        return dataclasses.replace(base, **top, **parts)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"The release's dimensions with config {config!r} give no valid UniPicConfig: {e}") from e
 
 
 def _find(path: Path, names) -> Path:
@@ -147,6 +167,15 @@ def _find(path: Path, names) -> Path:
         if (path / n).exists():
             return path / n
     raise ConversionError(f"{path} has none of {list(names)} (found {sorted(p.name for p in path.iterdir())})")
+
+
+def find_llm_dir(path: Path) -> Path:
+    """The release's LLM subfolder (the one holding a ``config.json``)."""
+    found = sorted(p for p in Path(path).iterdir() if p.is_dir() and (p / "config.json").exists())
+    if not found:
+        raise ConversionError(f"{path} has no LLM folder with a config.json (e.g. Qwen2.5-1.5B-Instruct/); "
+                              "pass llm_dir=.")
+    return found[0]
 
 
 def from_unipic(path: str | os.PathLike, config: str | Mapping[str, Any] | None = None, mesh=None, dtype=None,
@@ -157,17 +186,10 @@ def from_unipic(path: str | os.PathLike, config: str | Mapping[str, Any] | None 
         raise ConversionError(f"{path} is not a folder holding the UniPic-1 release.")
     state = _read_torch(_find(path, ("pytorch_model.bin", "model.safetensors")))
     vae_state = _read_torch(_find(path, ("kl16.ckpt",)))
-    llm_path = Path(llm_dir) if llm_dir else next(
-        (p for p in path.iterdir() if p.is_dir() and (p / "config.json").exists()), None)
-    if llm_path is None:
-        raise ConversionError(f"{path} has no LLM folder with a config.json (e.g. Qwen2.5-1.5B-Instruct/); "
-                              "pass llm_dir=.")
+    llm_path = Path(llm_dir) if llm_dir else find_llm_dir(path)
     cfg = config_from_tensors(state, vae_state, json.loads((llm_path / "config.json").read_text()), config)
     if dtype is not None:
-        import jax.numpy as jnp
-
-        name = jnp.dtype(dtype).name
-        cfg = dataclasses.replace(cfg, llm=cfg.llm.replace(dtype=name, param_dtype=name))
+        cfg = cfg.with_dtype(dtype)
     abstract = nnx.eval_shape(lambda: unipic.UniPic(cfg, rngs=nnx.Rngs(0)))
     keymap = release_keymap(cfg)
     source = DictSource({**state, **{f"vae.{k}": v for k, v in vae_state.items()}}, str(path))

@@ -12,6 +12,11 @@ float32 → ``(x − mean) / std`` in float32. Outputs are channels-last:
   each image resized, keeping its aspect ratio, to the largest grid of whole patches that
   has at most ``max_patches`` patches.
 
+The generator's images (VAE inputs) are :func:`vae_pixels`: centre-cropped (editing, as
+the release's ``crop2square``) or padded with gray 127 (understanding, as released) to the
+target aspect ratio, bicubic-resized, ``x/255·2 − 1`` in float32 NHWC; :func:`to_uint8`
+maps generated pixels back.
+
 Images may be PIL images, or HWC arrays: uint8, or floats in [0, 1] (converted to uint8
 by truncating ``x · 255``, as the processors do).
 """
@@ -89,6 +94,36 @@ def resize(image: np.ndarray, height: int, width: int, resample: str = "bilinear
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), resample=RESAMPLE[resample]))
+
+
+def fit(image: np.ndarray, height: int, width: int, mode: str = "crop", fill: int = 127) -> np.ndarray:
+    """Centre-crops (``mode="crop"``) or pads with gray ``fill`` (``"pad"``) an RGB uint8
+    image to the aspect ratio ``height : width``, then resizes it (bicubic) to that size."""
+    h, w = image.shape[:2]
+    if mode == "crop":
+        ch, cw = (h, round(h * width / height)) if w * height > h * width else (round(w * height / width), w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        image = image[top:top + ch, left:left + cw]
+    elif mode == "pad":
+        ph, pw = (round(w * height / width), w) if w * height > h * width else (h, round(h * width / height))
+        canvas = np.full((ph, pw, 3), fill, np.uint8)
+        top, left = (ph - h) // 2, (pw - w) // 2
+        canvas[top:top + h, left:left + w] = image
+        image = canvas
+    else:
+        raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+    return resize(image, height, width, "bicubic")
+
+
+def vae_pixels(images, height: int, width: int, mode: str = "crop") -> np.ndarray:
+    """Images → the VAE's input ``(B, height, width, 3)`` float32 in [-1, 1] (see above)."""
+    return np.stack([fit(to_rgb_uint8(im), height, width, mode).astype(np.float32) / 255.0 * 2.0 - 1.0
+                     for im in images])
+
+
+def to_uint8(pixels) -> np.ndarray:
+    """Generated pixels in [-1, 1] → uint8 (``clip(127.5·x + 128)``, truncated, as released)."""
+    return np.clip(127.5 * np.asarray(pixels, np.float32) + 128.0, 0, 255).astype(np.uint8)
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

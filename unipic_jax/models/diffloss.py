@@ -172,12 +172,13 @@ class DiffLoss(nnx.Module):
         mask = mask.astype(jnp.float32)
         return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-    def sample(self, z, key, temperature=1.0, cfg: float = 1.0) -> jax.Array:
-        """Token latents for conditions ``z (N, Z)``: ``(N, C)``, or with ``cfg != 1`` (``z`` is
-        ``[cond; uncond]``) the ``N/2`` guided tokens."""
+    def sample(self, z, key, temperature=1.0, cfg=None) -> jax.Array:
+        """Token latents for conditions ``z (N, Z)``: ``(N, C)``. With a guidance scale
+        ``cfg`` (a float or a traced scalar) ``z`` is ``[cond; uncond]`` and the ``N/2``
+        guided tokens are returned (both halves share their noise)."""
         C = self.config.in_channels
         k0, k1 = jax.random.split(key)
-        if cfg != 1.0:
+        if cfg is not None:
             half = jax.random.normal(k0, (z.shape[0] // 2, C), jnp.float32)
             noise = jnp.concatenate([half, half])
             net = lambda x, t: self.net.forward_with_cfg(x, t, z, cfg)  # noqa: E731
@@ -185,7 +186,7 @@ class DiffLoss(nnx.Module):
             noise = jax.random.normal(k0, (z.shape[0], C), jnp.float32)
             net = lambda x, t: self.net(x, t, z)  # noqa: E731
         x = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature)
-        return x[: z.shape[0] // 2] if cfg != 1.0 else x
+        return x[: z.shape[0] // 2] if cfg is not None else x
 
 
 # Conversion table: keys relative to the release's ``mar.diffloss.`` prefix.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,28 @@ class PresetConfig:
         if name not in presets:
             raise ValueError(f"Unknown {cls.__name__} preset {name!r}; choose from {sorted(presets)}")
         return presets[name].replace(**overrides)
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        """Rebuilds a config from ``dataclasses.asdict`` output (e.g. read back from JSON):
+        nested config dicts become their dataclasses and lists become tuples."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        kw = {}
+        for name, value in d.items():
+            sub = [t for t in (typing.get_args(hints[name]) or (hints[name],)) if dataclasses.is_dataclass(t)]
+            if isinstance(value, Mapping) and sub:
+                kw[name] = sub[0].from_dict(value)
+            else:
+                kw[name] = _tuples(value)
+        return cls(**kw)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def param(
