@@ -1,26 +1,32 @@
 """Train unipic-jax models.
 
-    python train.py --config configs/demo.py [--config.train.steps=100] [--workdir DIR]
+    python train.py [--config configs/demo.py] [--workdir runs/demo] [--config.stages.gen32.steps=100]
 
-Config files are ml_collections ``get_config()`` modules; any field can be overridden
-on the command line as ``--config.a.b=value``.
+Config files are ml_collections ``get_config()`` modules; any field can be overridden on the
+command line as ``--config.a.b=value``. Running the same command again resumes from the
+newest checkpoint in ``--workdir`` (exactly: the result equals an uninterrupted run).
+See unipic_jax/train/run.py for the config fields.
 """
+
+import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where checkpoints, logs and samples go.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, logs, samples and the model go.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop (with a checkpoint) after this many steps in this call.")
 
 
 def main(argv):
     del argv
-    cfg = _CONFIG.value
-    print(cfg)
-    print(
-        "train.py: the training loop (stages, checkpoints, the shapes-world demo) is not implemented yet; "
-        f"this run only parsed the config above (workdir {_WORKDIR.value})."
-    )
+    logging.getLogger("unipic_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+    from unipic_jax.train import run
+
+    summary = run.run(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+    print(run.format_summary(summary) if not summary.get("stopped") else
+          f"stopped at step {summary['steps']}; run the same command to resume")
 
 
 if __name__ == "__main__":

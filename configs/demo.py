@@ -1,18 +1,42 @@
-"""The demo: a tiny UniPic trained on the built-in shapes world on a CPU.
+"""The demo (the main job): a tiny UniPic trained on the built-in shapes world on a CPU.
 
-    python train.py --config configs/demo.py --config.train.steps=100
+    python train.py --config configs/demo.py [--workdir runs/demo] [--config.stages.gen32.steps=200]
 
-The training loop itself arrives with the training issue; for now this config holds the
-pieces that exist (model preset, mesh) so the command line and overrides work.
+Three stages: the tiny VAE (the tokenizer) on 32² images, then text-to-image (with editing and
+understanding at small weights) at 32², then at 48² and 4:3 / 3:4 buckets (progressive
+resolution). Ends with the shapes benchmark on held-out prompts and a sample grid.
 """
 
 import ml_collections
+
+SMALL = ((32, 32),)
+LARGE = ((48, 48), (48, 64), (64, 48))
+
+
+def stage(kind, steps, lr, buckets, batch_size, **kw):
+    base = dict(kind=kind, steps=steps, lr=lr, buckets=buckets, batch_size=batch_size, trainable=("",),
+                schedule="constant", warmup=0.0, weight_decay=0.0, clip=1.0, accumulate=1, ema=0.0,
+                max_text_len=dict(t2i=24, edit=0, understanding=0), understanding_size=(32, 32),
+                loss_weights=dict(t2i=1.0, edit=0.0, understanding=0.0), caption_dropout=0.1)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.llm = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none"))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, log_every=10))
+    c.tokenizer = "shapes"
+    c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=dict(mar=dict(grid=8))))
+    c.data = ml_collections.ConfigDict(dict(source="shapes", length=50_000, sizes=SMALL + LARGE))
+    c.stage_order = ("vae", "gen32", "gen48")
+    c.stages = ml_collections.ConfigDict()
+    c.stages.vae = stage("vae", 300, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6)
+    c.stages.gen32 = stage("unipic", 600, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
+                                                                              "proj_out"), ema=0.99)
+    c.stages.gen48 = stage("unipic", 300, 5e-4, LARGE, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
+                                                                              "proj_out"), ema=0.99)
+    c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True))
+    c.eval = ml_collections.ConfigDict(dict(per_category=8, size=(48, 48), num_iter=16, cfg=2.0, temperature=1.0,
+                                            edit_per_kind=0, qa=0))
     return c

@@ -99,3 +99,21 @@ def test_genevals_position_rule():
     assert W.relation_from_boxes((10, 40, 20, 50), box) == {"below"}
     assert W.relation_from_boxes((0, 0, 8, 8), (30, 30, 38, 38)) == {"left of", "above"}
     assert W.relation_from_boxes((11, 10, 21, 20), box) == set()  # within the threshold
+
+
+def test_shapes_tokenizer_covers_the_world(tmp_path):
+    from unipic_jax import tokenizer as tok_lib
+    from unipic_jax.data import shapes_tokenizer
+
+    shapes_tokenizer.build(tmp_path)
+    tok = tok_lib.load_tokenizer(tmp_path)
+    unk = tok.convert_tokens_to_ids(shapes_tokenizer.UNK)
+    texts = [tok_lib.generation_prompt(W.t2i_example(i, "test")["prompt"]) for i in range(40)]
+    texts += [tok_lib.edit_prompt(W.edit_example(i, "test")["instruction"]) for i in range(40)]
+    texts += [tok_lib.understanding_prompt(W.qa_example(i, "test")["question"]) for i in range(40)]
+    for t in texts:
+        ids = tok(t, add_special_tokens=False).input_ids
+        assert unk not in ids, t
+    ids = tok(tok_lib.edit_prompt("Remove the red circle."), add_special_tokens=False).input_ids
+    assert ids.count(tok_lib.image_token_id(tok)) == 1 and len(tok) < 100
+    assert tok.decode(tok("red circle", add_special_tokens=False).input_ids) == "red circle"

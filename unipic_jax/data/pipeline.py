@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -136,16 +137,31 @@ class Pipeline:
                              f"one global batch ({cfg.batch_size['understanding']})")
         probs = np.where(usable, counts, 0.0) if gen else np.ones(len(cfg.buckets))
         self.bucket_probs = probs / probs.sum()
+        self._lock = threading.Lock()
         self._plan = np.zeros(0, np.int32)  # bucket of each step
         self._rank = np.zeros(0, np.int64)  # how many earlier steps used the same bucket
         self.truncated = 0
 
     # -- the plan ------------------------------------------------------------------------
 
+    def __getstate__(self):  # picklable for worker processes (locks are not)
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _extend(self, upto: int):
-        n = len(self._plan)
-        if upto < n:
+        if upto < len(self._rank):
             return
+        with self._lock:  # Grain's prefetch threads call in concurrently
+            if upto >= len(self._rank):
+                self._extend_locked(upto)
+
+    def _extend_locked(self, upto: int):
+        n = len(self._plan)
         new_n = max(upto + 1, 2 * n, 1024)
         steps = np.arange(n, new_n)
         plan = np.asarray([np.random.default_rng([self.cfg.seed, int(s)]).choice(len(self.bucket_probs),
@@ -157,7 +173,7 @@ class Pipeline:
             rank[k] = counts[b]
             counts[b] += 1
         self._plan = np.concatenate([self._plan, plan])
-        self._rank = np.concatenate([self._rank, rank])
+        self._rank = np.concatenate([self._rank, rank])  # last: readers check len(self._rank)
 
     def bucket(self, step: int) -> int:
         self._extend(step)

@@ -291,23 +291,14 @@ def _unique(scene: Scene) -> list[int]:
     return [i for i, o in enumerate(scene.objects) if groups[(o.shape, o.color)] == 1]
 
 
-def edit_example(index: int, split: str = "train", seed: int = 0, kind: str | None = None,
-                 sizes: Sequence[tuple[int, int]] = SIZES) -> dict:
-    """``{"source", "target", "instruction", "metadata", "kind"}``: the target's metadata
-    describes the whole target scene (groups and their exact counts)."""
-    rng = rng_for(split, seed, index)
-    kind = kind or EDITS[int(rng.integers(len(EDITS)))]
-    if kind not in EDITS:
-        raise ValueError(f"Unknown edit {kind!r}; choose from {EDITS}")
-    h, w = canvas(rng, sizes)
-    n = int(rng.integers(1, 3)) + (1 if kind == "remove" else 0)
+def _try_edit(rng, kind: str, h: int, w: int, n: int):
+    """One attempt at an edit: ``(source, edited object, target objects, instruction, extra)``
+    or ``None`` when the canvas has no room for it."""
     specs = [(_pick(rng, SHAPES)[0], _pick(rng, list(COLORS))[0]) for _ in range(n)]
-    for _ in range(50):
-        src = random_scene(rng, h, w, specs)
-        names = _unique(src)
-        if names:
-            break
-        specs = [(_pick(rng, SHAPES)[0], _pick(rng, list(COLORS))[0]) for _ in range(n)]
+    src = random_scene(rng, h, w, specs)
+    names = _unique(src)
+    if not names:
+        return None
     i = names[int(rng.integers(len(names)))]
     o = src.objects[i]
     others = [p for j, p in enumerate(src.objects) if j != i]
@@ -321,27 +312,42 @@ def edit_example(index: int, split: str = "train", seed: int = 0, kind: str | No
         s2, c2 = _pick(rng, SHAPES)[0], _pick(rng, list(COLORS))[0]
         new = place(rng, s2, c2, src.objects, h, w, _radius(rng, h, w, len(src.objects) + 1))
         if new is None:
-            new = place(rng, s2, c2, src.objects, h, w, 0.6 * _radius(rng, h, w, 4))
-        if new is None:
-            raise RuntimeError("no room to add an object")  # practically unreachable with <= 2 objects
+            return None
         objs = [*src.objects, new]
         instruction = f"Add {a(c2)} {s2}."
     elif kind == "remove":
         objs = others
         instruction = f"Remove the {o.color} {o.shape}."
-    else:  # move
-        # a half of the canvas the object is not in now, so that the edit is visible
+    else:  # move, to a half of the canvas the object is not in now, so that the edit is visible
         sides = [side for side, away in (("left", o.cx > w / 2), ("right", o.cx < w / 2), ("top", o.cy > h / 2),
                                          ("bottom", o.cy < h / 2)) if away]
         side = sides[int(rng.integers(len(sides)))]
         moved = place(rng, o.shape, o.color, others, h, w, o.r, region=side)
         if moved is None:
-            moved = place(rng, o.shape, o.color, others, h, w, 0.75 * o.r, region=side)
-        if moved is None:
-            raise RuntimeError("no room to move the object")
+            return None
         objs = [*others, moved]
         instruction = f"Move the {o.color} {o.shape} to the {side}."
         extra = {"class": o.shape, "color": o.color, "region": side}
+    return src, o, objs, instruction, extra
+
+
+def edit_example(index: int, split: str = "train", seed: int = 0, kind: str | None = None,
+                 sizes: Sequence[tuple[int, int]] = SIZES) -> dict:
+    """``{"source", "target", "instruction", "metadata", "kind"}``: the target's metadata
+    describes the whole target scene (groups and their exact counts)."""
+    rng = rng_for(split, seed, index)
+    kind = kind or EDITS[int(rng.integers(len(EDITS)))]
+    if kind not in EDITS:
+        raise ValueError(f"Unknown edit {kind!r}; choose from {EDITS}")
+    h, w = canvas(rng, sizes)
+    n = int(rng.integers(1, 3)) + (1 if kind == "remove" else 0)
+    for _ in range(100):  # a new source scene until the edit fits the canvas
+        edited = _try_edit(rng, kind, h, w, n)
+        if edited is not None:
+            break
+    else:
+        raise RuntimeError(f"Could not make a {kind} edit on a {h}x{w} canvas")
+    src, o, objs, instruction, extra = edited
     tgt = Scene(h, w, tuple(objs))
     meta = describe(tgt, f"edit_{kind}", absent=[(o.shape, o.color)] if kind in ("recolor", "remove") else ())
     if extra:

@@ -1,0 +1,144 @@
+"""Training: a few steps of each stage kind, frozen parts unchanged, loss decreasing on a fixed
+batch, exact resume after an interruption, corrupt checkpoints skipped, non-finite loss named."""
+
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from unipic_jax.data import shapes_tokenizer
+from unipic_jax.data import sources as S
+from unipic_jax.models import unipic as U
+from unipic_jax.train import optim, run
+from unipic_jax.train.trainer import NonFiniteLoss, Stage, Trainer, init_state, make_train_step
+
+SIZE = ((16, 16),)
+
+
+def stage_cfg(kind, steps, trainable=("",), **kw):
+    base = dict(kind=kind, steps=steps, lr=3e-3, buckets=SIZE, batch_size=dict(t2i=2, edit=2, understanding=2),
+                trainable=trainable, max_text_len=dict(t2i=20, edit=40, understanding=40), understanding_size=(16, 16),
+                loss_weights=dict(t2i=1.0, edit=0.5, understanding=0.1), caption_dropout=0.1)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return shapes_tokenizer.build(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def mcfg(tok):
+    cfg = ml_collections.ConfigDict(dict(tokenizer="shapes",
+                                         model=dict(preset="tiny", overrides=dict(mar=dict(grid=4)))))
+    return run.model_config(cfg, tok)
+
+
+def sources():
+    return {t: S.ShapesSource(t, length=64, sizes=SIZE) for t in S.TASKS}
+
+
+def stages(mcfg, vae_steps=2, gen_steps=3, **kw):
+    return [Stage.from_config("vae", stage_cfg("vae", vae_steps, ("vae",), batch_size=dict(t2i=2)), mcfg, 0),
+            Stage.from_config("gen", stage_cfg("unipic", gen_steps, ("mar", "diffloss", "llm", "proj_in", "proj_out"),
+                                               ema=0.9, **kw), mcfg, 0)]
+
+
+def params_of(model):
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def trainer(model, mcfg, tok, workdir, **kw):
+    return Trainer(model, stages(mcfg, **kw.pop("stage_kw", {})), sources(), tok, workdir, log_every=1,
+                   checkpoint_every=2, keep=3, progress=False, tensorboard=kw.pop("tensorboard", False), **kw)
+
+
+def test_stages_run_and_frozen_parts_do_not_move(mcfg, tok, tmp_path):
+    model = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    before = {name: [np.array(x) for x in params_of(getattr(model, name))]
+              for name in ("vae", "mar", "llm", "diffloss")}
+    res = trainer(model, mcfg, tok, tmp_path, tensorboard=True).run()
+    assert res.steps == 5 and not res.stopped
+    assert {"loss", "t2i", "edit", "understanding", "grad_norm"} <= set(res.last_metrics)
+    assert all(np.isfinite(v) for v in res.last_metrics.values())
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5]
+    for name in ("vae", "mar", "llm", "diffloss"):
+        a, b = before[name], params_of(getattr(model, name))
+        moved = any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        assert moved, name  # the VAE moved in its stage, the rest in the generation stage
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    # a generation-only stage leaves the VAE bit-identical
+    model2 = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    vae_before = [np.array(x) for x in params_of(model2.vae)]
+    Trainer(model2, stages(mcfg)[1:], sources(), tok, tmp_path / "b", log_every=1, checkpoint_every=10,
+            progress=False, tensorboard=False).run()
+    for x, y in zip(vae_before, params_of(model2.vae), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_exact_resume_after_an_interruption_skipping_a_corrupt_checkpoint(mcfg, tok, tmp_path, caplog):
+    full = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    trainer(full, mcfg, tok, tmp_path / "full").run()
+    part = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    r = trainer(part, mcfg, tok, tmp_path / "part").run(max_steps=4)  # "killed" inside the second stage
+    assert r.stopped and r.steps == 4
+    ckpts = tmp_path / "part" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())[-1] == 4
+    shutil.rmtree(ckpts / "4" / "meta")  # damage the newest: the run resumes from step 2
+    resumed = U.UniPic(mcfg, rngs=nnx.Rngs(0))  # a fresh process: fresh initial weights, same command
+    r2 = trainer(resumed, mcfg, tok, tmp_path / "part").run()
+    assert r2.steps == 5 and "unreadable" in caplog.text
+    for x, y in zip(params_of(full), params_of(resumed), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_loss_decreases_on_a_fixed_batch(mcfg, tok):
+    model = U.UniPic(mcfg, rngs=nnx.Rngs(1))
+    st = stages(mcfg)[1]
+    from unipic_jax.data import pipeline as P
+
+    batch = {k: v for k, v in P.Pipeline(sources(), st.data, tok, process_index=0, process_count=1)[0].items()
+             if k not in ("step", "bucket")}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optim.make_optimizer(params, lr=3e-3, steps=40, trainable=st.trainable)
+    step = make_train_step(graphdef, rest, st, tx, seed=0)
+    state = init_state(params, tx, st, 0)
+    losses = []
+    for _ in range(40):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_non_finite_loss_is_named(mcfg, tok, tmp_path):
+    model = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    t = trainer(model, mcfg, tok, tmp_path, stage_kw=dict(lr=1e30, clip=0.0))
+    t.stages = t.stages[1:]
+    with pytest.raises(NonFiniteLoss, match=r"global step \d+: non-finite"):
+        t.run()
+    assert not (tmp_path / "checkpoints" / "3").exists()
+
+
+def test_optimizer_masks():
+    params = {"diffloss": {"w": np.ones((2, 2)), "b": np.ones(2)}, "mar": {"w": np.ones((2, 2)), "b": np.ones(2)}}
+    dm = optim.decay_mask(params)
+    assert dm["mar"]["w"] and not dm["mar"]["b"] and not dm["diffloss"]["w"]
+    labels = optim.trainable_labels(params, ("mar",))
+    assert labels["mar"]["w"] == "train" and labels["diffloss"]["w"] == "freeze"
+    with pytest.raises(ValueError, match="matches no parameter"):
+        optim.make_optimizer(params, lr=1.0, steps=1, trainable=("vae",))
+    s = optim.schedule(1.0, 100, warmup=0.1, kind="cosine")
+    assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(1.0) and float(s(100)) == pytest.approx(0.0, abs=1e-6)
+    acc = optim.make_optimizer(params, lr=0.1, steps=10, accumulate=2)
+    assert isinstance(acc, optax.GradientTransformation)
+    grads = jax.tree.map(np.ones_like, params)
+    st = acc.init(params)
+    u1, st = acc.update(grads, st, params)
+    u2, st = acc.update(grads, st, params)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u1))  # accumulating
+    assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(u2))  # applied on the second micro-step

@@ -1,0 +1,1 @@
+"""Evaluation: the shapes-world benchmark (GenEval-style), editing and understanding scores."""

@@ -1,0 +1,1 @@
+"""Training: optimizers and stages, the sharded train step, checkpoints and the loop."""

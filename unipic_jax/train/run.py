@@ -1,0 +1,131 @@
+"""From a config to a finished run: mesh, tokenizer, model, data, stages, training, final
+evaluation. ``train.py`` is a thin command line over :func:`run`.
+
+Config fields (see ``configs/demo.py``): ``seed``; ``mesh`` (``data``, ``fsdp``, ``tensor``);
+``tokenizer`` (``"shapes"``: the shapes world's word-level tokenizer, written to
+``WORKDIR/tokenizer``; or a tokenizer folder); ``model`` (``preset`` of ``UniPicConfig`` and
+nested ``overrides`` such as ``{"mar": {"grid": 8}}``; the LLM vocabulary and ``image_token_id`` follow the tokenizer);
+``data`` (the shapes world's ``length`` and canvas ``sizes`` per task source); ``stage_order``
+and ``stages`` (see :class:`unipic_jax.train.trainer.Stage`); ``train`` (``log_every``,
+``checkpoint_every``, ``keep``, ``sample_every``); ``eval`` (held-out shapes prompts per
+category, image ``size``, sampling settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from unipic_jax import checkpoint, sharding
+from unipic_jax import tokenizer as tok_lib
+from unipic_jax.data import sources as sources_lib
+from unipic_jax.models import unipic
+from unipic_jax.train.trainer import Stage, Trainer, write_json
+
+log = logging.getLogger(__name__)
+
+
+def build_tokenizer(cfg, workdir: Path):
+    if cfg.tokenizer == "shapes":
+        from unipic_jax.data import shapes_tokenizer
+
+        path = workdir / "tokenizer"
+        if not (path / "tokenizer.json").exists() and jax.process_index() == 0:
+            shapes_tokenizer.build(path)
+        return tok_lib.load_tokenizer(path)
+    return tok_lib.load_tokenizer(cfg.tokenizer)
+
+
+def model_config(cfg, tok) -> unipic.UniPicConfig:
+    mc = unipic.UniPicConfig.preset(cfg.model.preset)
+    for part, fields in dict(cfg.model.get("overrides", {})).items():  # {"mar": {"grid": 8}, "image_token_id": 5}
+        if hasattr(fields, "items"):
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(fields).items()}
+            mc = dataclasses.replace(mc, **{part: getattr(mc, part).replace(**fields)})
+        else:
+            mc = dataclasses.replace(mc, **{part: fields})
+    vocab = max(mc.llm.vocab_size if cfg.tokenizer != "shapes" else 0, -(-len(tok) // 64) * 64)
+    return dataclasses.replace(mc, llm=mc.llm.replace(vocab_size=vocab, eos_token_id=tok_lib.stop_token_ids(tok),
+                                                      pad_token_id=tok.pad_token_id, bos_token_id=None),
+                               image_token_id=tok_lib.image_token_id(tok))
+
+
+def build_sources(cfg) -> dict[str, Any]:
+    d = cfg.data
+    if d.source != "shapes":
+        raise ValueError(f"data.source={d.source!r}: this config builder knows 'shapes'; build TfdsSource / "
+                         "JsonlSource sources in Python for other data (see the README)")
+    sizes = tuple(tuple(s) for s in d.sizes)
+    return {t: sources_lib.ShapesSource(t, "train", cfg.seed, int(d.length), sizes) for t in sources_lib.TASKS}
+
+
+def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
+    """Trains (or resumes) the run in ``workdir``; returns the final summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sharding.initialize_distributed()
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    tok = build_tokenizer(cfg, workdir)
+    mc = model_config(cfg, tok)
+    model = sharding.create_sharded(lambda: unipic.UniPic(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log.info("model: %.2fM parameters on mesh %s", n_params / 1e6, dict(mesh.shape))
+    stages = [Stage.from_config(name, cfg.stages[name], mc, cfg.seed) for name in cfg.stage_order]
+    trainer = Trainer(model, stages, build_sources(cfg), tok, workdir, seed=cfg.seed, log_every=cfg.train.log_every,
+                      checkpoint_every=cfg.train.checkpoint_every, keep=cfg.train.keep,
+                      progress=cfg.train.get("progress", True))
+    result = trainer.run(max_steps=max_steps)
+    summary: dict[str, Any] = {"steps": result.steps, "final_metrics": result.last_metrics, "params": n_params}
+    write_json(workdir / "history.json", result.history)
+    if result.stopped:
+        summary["stopped"] = True
+        return summary
+    final = workdir / "model"
+    if jax.process_index() == 0 and not (final / checkpoint.CONFIG).exists():
+        checkpoint.save_model(final, model, overwrite=True)
+    summary["model"] = str(final)
+    if cfg.eval.get("per_category", 0):
+        summary.update(evaluate(model, tok, cfg.eval, workdir))
+    write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def evaluate(model, tok, ecfg, workdir: Path) -> dict:
+    """The shapes benchmark on held-out prompts; writes ``samples.png`` (one row per category)."""
+    from unipic_jax import sample
+    from unipic_jax.eval import shapes as shapes_eval
+
+    kw = dict(num_iter=int(ecfg.num_iter), cfg=float(ecfg.cfg), temperature=float(ecfg.temperature))
+    res = shapes_eval.t2i(model, tok, size=tuple(ecfg.size), per_category=int(ecfg.per_category), **kw)
+    path = workdir / "samples.png"
+    sample.save_png(shapes_eval.grid(res["images"], cols=int(ecfg.per_category))[None], [path])
+    out = {"t2i": res["scores"], "samples": str(path)}
+    if ecfg.get("edit_per_kind", 0):
+        out["edit"] = shapes_eval.edit(model, tok, size=tuple(ecfg.size), per_kind=int(ecfg.edit_per_kind), **kw)[
+            "scores"]
+    if ecfg.get("qa", 0):
+        out["understanding"] = {"accuracy": shapes_eval.understanding(model, tok, size=tuple(ecfg.size),
+                                                                      n=int(ecfg.qa))["accuracy"]}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"trained {summary['steps']} steps; model in {summary.get('model')}"]
+    if "t2i" in summary:
+        s = summary["t2i"]
+        lines.append("shapes benchmark (held-out prompts, GenEval rules): overall %.3f" % s["overall"])
+        lines += [f"  {k:14s} {v:.3f}" for k, v in s["categories"].items()]
+    if "edit" in summary:
+        lines.append("editing: overall %.3f  %s" % (summary["edit"]["overall"], {k: round(v, 3) for k, v in
+                                                                                 summary["edit"]["categories"].items()}))
+    if "understanding" in summary:
+        lines.append("understanding exact match: %.3f" % summary["understanding"]["accuracy"])
+    if "samples" in summary:
+        lines.append(f"sample grid: {summary['samples']}")
+    return "\n".join(lines)
+
