@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(source="shapes", length=50_000, sizes=SMALL + LARGE))
     c.stage_order = ("vae", "gen32", "gen48")
     c.stages = ml_collections.ConfigDict()
-    c.stages.vae = stage("vae", 300, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6)
+    c.stages.vae = stage("vae", 300, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6,
+                         calibrate_scale=True)
     c.stages.gen32 = stage("unipic", 600, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
     c.stages.gen48 = stage("unipic", 300, 5e-4, LARGE, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",

@@ -58,11 +58,19 @@ def trainer(model, mcfg, tok, workdir, **kw):
                    checkpoint_every=2, keep=3, progress=False, tensorboard=kw.pop("tensorboard", False), **kw)
 
 
-def test_stages_run_and_frozen_parts_do_not_move(mcfg, tok, tmp_path):
+@pytest.fixture(scope="module")
+def full_run(mcfg, tok, tmp_path_factory):
+    """The uninterrupted two-stage run on one device: (params before, result, model, workdir)."""
+    workdir = tmp_path_factory.mktemp("full")
     model = U.UniPic(mcfg, rngs=nnx.Rngs(0))
     before = {name: [np.array(x) for x in params_of(getattr(model, name))]
               for name in ("vae", "mar", "llm", "diffloss")}
-    res = trainer(model, mcfg, tok, tmp_path, tensorboard=True).run()
+    res = trainer(model, mcfg, tok, workdir, tensorboard=True).run()
+    return before, res, model, workdir
+
+
+def test_stages_run_and_frozen_parts_do_not_move(full_run, mcfg, tok, tmp_path):
+    before, res, model, workdir = full_run
     assert res.steps == 5 and not res.stopped
     assert {"loss", "t2i", "edit", "understanding", "grad_norm"} <= set(res.last_metrics)
     assert all(np.isfinite(v) for v in res.last_metrics.values())
@@ -71,7 +79,7 @@ def test_stages_run_and_frozen_parts_do_not_move(mcfg, tok, tmp_path):
         a, b = before[name], params_of(getattr(model, name))
         moved = any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
         assert moved, name  # the VAE moved in its stage, the rest in the generation stage
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
     # a generation-only stage leaves the VAE bit-identical
     model2 = U.UniPic(mcfg, rngs=nnx.Rngs(0))
     vae_before = [np.array(x) for x in params_of(model2.vae)]
@@ -81,9 +89,8 @@ def test_stages_run_and_frozen_parts_do_not_move(mcfg, tok, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_exact_resume_after_an_interruption_skipping_a_corrupt_checkpoint(mcfg, tok, tmp_path, caplog):
-    full = U.UniPic(mcfg, rngs=nnx.Rngs(0))
-    trainer(full, mcfg, tok, tmp_path / "full").run()
+def test_exact_resume_after_an_interruption_skipping_a_corrupt_checkpoint(full_run, mcfg, tok, tmp_path, caplog):
+    full = full_run[2]
     part = U.UniPic(mcfg, rngs=nnx.Rngs(0))
     r = trainer(part, mcfg, tok, tmp_path / "part").run(max_steps=4)  # "killed" inside the second stage
     assert r.stopped and r.steps == 4
@@ -95,6 +102,22 @@ def test_exact_resume_after_an_interruption_skipping_a_corrupt_checkpoint(mcfg, 
     assert r2.steps == 5 and "unreadable" in caplog.text
     for x, y in zip(params_of(full), params_of(resumed), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_checkpoint_restores_onto_a_different_mesh(full_run, mcfg, tok, tmp_path):
+    from unipic_jax import sharding
+
+    mesh_a = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    mesh_b = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    a = sharding.create_sharded(lambda: U.UniPic(mcfg, rngs=nnx.Rngs(0)), mesh_a)
+    assert trainer(a, mcfg, tok, tmp_path).run(max_steps=4).stopped
+    b = sharding.create_sharded(lambda: U.UniPic(mcfg, rngs=nnx.Rngs(0)), mesh_b)
+    assert trainer(b, mcfg, tok, tmp_path).run().steps == 5
+    assert sharding.mesh_of(b) is mesh_b
+    # equal to the one-device run up to float reassociation (Adam turns ~1e-7 gradient noise
+    # on near-zero gradients into steps of up to lr; a lost optimizer state would differ by far more)
+    for x, y in zip(params_of(full_run[2]), params_of(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
 
 
 def test_loss_decreases_on_a_fixed_batch(mcfg, tok):
@@ -142,3 +165,4 @@ def test_optimizer_masks():
     u2, st = acc.update(grads, st, params)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u1))  # accumulating
     assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(u2))  # applied on the second micro-step
+

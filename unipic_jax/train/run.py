@@ -55,13 +55,19 @@ def model_config(cfg, tok) -> unipic.UniPicConfig:
                                image_token_id=tok_lib.image_token_id(tok))
 
 
-def build_sources(cfg) -> dict[str, Any]:
+def build_sources(cfg, tasks=sources_lib.TASKS) -> dict[str, Any]:
+    """``data.source``: ``"shapes"`` (``length``, ``sizes``), ``"tfds"`` (``tfds.{task}``: a data set
+    name or prepared folder, ``data_dir``, ``split``) or ``"jsonl"`` (``jsonl.{task}``: a manifest)."""
     d = cfg.data
-    if d.source != "shapes":
-        raise ValueError(f"data.source={d.source!r}: this config builder knows 'shapes'; build TfdsSource / "
-                         "JsonlSource sources in Python for other data (see the README)")
-    sizes = tuple(tuple(s) for s in d.sizes)
-    return {t: sources_lib.ShapesSource(t, "train", cfg.seed, int(d.length), sizes) for t in sources_lib.TASKS}
+    if d.source == "shapes":
+        sizes = tuple(tuple(s) for s in d.sizes)
+        return {t: sources_lib.ShapesSource(t, "train", cfg.seed, int(d.length), sizes) for t in tasks}
+    if d.source == "tfds":
+        return {t: sources_lib.TfdsSource(t, d.tfds[t], split=d.get("split", "train"),
+                                          data_dir=d.get("data_dir") or None) for t in tasks}
+    if d.source == "jsonl":
+        return {t: sources_lib.JsonlSource(t, d.jsonl[t]) for t in tasks}
+    raise ValueError(f"data.source={d.source!r}; choose 'shapes', 'tfds' or 'jsonl'")
 
 
 def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
@@ -76,8 +82,9 @@ def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     log.info("model: %.2fM parameters on mesh %s", n_params / 1e6, dict(mesh.shape))
     stages = [Stage.from_config(name, cfg.stages[name], mc, cfg.seed) for name in cfg.stage_order]
-    trainer = Trainer(model, stages, build_sources(cfg), tok, workdir, seed=cfg.seed, log_every=cfg.train.log_every,
-                      checkpoint_every=cfg.train.checkpoint_every, keep=cfg.train.keep,
+    needed = sorted({t for st in stages for t in st.data.batch_size})
+    trainer = Trainer(model, stages, build_sources(cfg, needed), tok, workdir, seed=cfg.seed,
+                      log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every, keep=cfg.train.keep,
                       progress=cfg.train.get("progress", True))
     result = trainer.run(max_steps=max_steps)
     summary: dict[str, Any] = {"steps": result.steps, "final_metrics": result.last_metrics, "params": n_params}

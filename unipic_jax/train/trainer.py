@@ -41,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -70,6 +71,7 @@ class Stage:
     accumulate: int = 1
     ema: float = 0.0
     kl_weight: float = 1e-6
+    calibrate_scale: bool = False  # vae stages: afterwards, set the latent scale to 1 / std(latents)
     loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"t2i": 1.0})
     data: pipeline_lib.PipelineConfig = dataclasses.field(default_factory=pipeline_lib.PipelineConfig)
 
@@ -260,6 +262,8 @@ class Trainer:
                 log.warning("checkpoint %d is for stage %r, not in this config; skipped", ckpt_step, meta.get("stage"))
                 continue
             start_stage, start_step, restored = names.index(meta["stage"]), int(meta["stage_step"]), ckpt_step
+            if "vae_scale" in meta:
+                self._set_scale(float(meta["vae_scale"]))
             break
         history: list[dict[str, float]] = []
         last: dict[str, float] = {}
@@ -280,11 +284,14 @@ class Trainer:
                         state = self._restore(restored, state, it)
                         log.info("resumed from checkpoint %d (stage %s, step %d)", restored, stage.name, first)
                         restored = None
+                    graphdef, _, rest = nnx.split(self.model, nnx.Param, ...)  # the config may have changed
                     step_fn = make_train_step(graphdef, rest, stage, tx, self.seed)
                     state, last, n, stop = self._run_stage(si, stage, state, it, step_fn, first, history,
                                                            None if max_steps is None else max_steps - done_here)
                 done_here += n
                 params = state["ema"] if (stage.ema and not stop and first + n == stage.steps) else state["params"]
+                if stage.kind == "vae" and stage.calibrate_scale and not stop and first + n == stage.steps:
+                    self._calibrate(params, pipe)
                 if stop:
                     return RunResult(offsets[si] + first + n, last, history, stopped=True)
             nnx.update(self.model, params)
@@ -357,7 +364,24 @@ class Trainer:
 
     def _save(self, state, it, stage: Stage, stage_step: int, force: bool):
         step = self.offsets()[self.stages.index(stage)] + stage_step
-        self.ckpt.save(step, state, it, {"stage": stage.name, "stage_step": stage_step}, force=force)
+        meta = {"stage": stage.name, "stage_step": stage_step, "vae_scale": self.model.config.vae.scale}
+        self.ckpt.save(step, state, it, meta, force=force)
+
+    def _set_scale(self, scale: float):
+        """Sets the VAE's latent scale (a static config field) on the model."""
+        cfg = self.model.config
+        self.model.vae.config = cfg.vae.replace(scale=scale)
+        self.model.config = dataclasses.replace(cfg, vae=self.model.vae.config)
+
+    def _calibrate(self, params, pipe, batches: int = 4):
+        """Latent scale = 1 / std of the (unscaled) posterior means of the stage's first batches,
+        so the generator sees unit-variance tokens (as Stable Diffusion's scaling factor does)."""
+        nnx.update(self.model, params)
+        means = [np.asarray(jax.jit(lambda x: self.model.vae.posterior(x)[0])(pipe[k]["t2i/pixels"]))
+                 for k in range(batches)]
+        std = float(np.concatenate([m.ravel() for m in means]).std())
+        self._set_scale(1.0 / max(std, 1e-6))
+        log.info("VAE latent scale calibrated: std %.4f -> scale %.4f", std, self.model.config.vae.scale)
 
 
 def _main_thread() -> bool:
