@@ -1,0 +1,131 @@
+"""Training-step speed of the demo model on this CPU, and the compiled per-device memory of a
+full-size step.
+
+    python benchmarks/train_step.py speed  [--devices 1,8] [--steps 20]
+    python benchmarks/train_step.py memory [--devices 8] [--size 256] [--batch 8]
+
+``speed``: the demo's generation stage (configs/demo.py, 32² bucket, batch 16) on 1 and on 8
+simulated CPU devices (each count in its own process; 8 devices share the same 2 cores, so
+this measures sharding overhead, not a speed-up); median step time after compilation, and
+examples/s. ``memory``: the CT stage of configs/unipic_1p5b.py lowered and compiled ahead of
+time with FSDP over N simulated devices; prints XLA's memory analysis per device. XLA:CPU
+does not schedule for memory as the TPU/GPU compilers do, so its temporaries overstate what
+an accelerator needs; compile time grows with the device count (about 13 minutes for 8 on
+two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def speed_child(steps: int):
+    import importlib.util
+
+    import jax
+    from flax import nnx
+
+    from unipic_jax import sharding
+    from unipic_jax.data import pipeline as P
+    from unipic_jax.data import shapes_tokenizer
+    from unipic_jax.models import unipic
+    from unipic_jax.train import optim, run
+    from unipic_jax.train.trainer import Stage, init_state, make_train_step
+
+    spec = importlib.util.spec_from_file_location("demo", "configs/demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    tok = shapes_tokenizer.build()
+    mc = run.model_config(cfg, tok)
+    n = jax.device_count()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}) if n > 1 else None
+    model = sharding.create_sharded(lambda: unipic.UniPic(mc, rngs=nnx.Rngs(0)), mesh)
+    stage = Stage.from_config("gen32", cfg.stages.gen32, mc, 0)
+    pipe = P.Pipeline(run.build_sources(cfg, ["t2i"]), stage.data, tok, process_index=0, process_count=1)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optim.make_optimizer(params, lr=stage.lr, steps=stage.steps, trainable=stage.trainable)
+    ctx = jax.set_mesh(mesh) if mesh is not None else None
+    if ctx:
+        ctx.__enter__()
+    state = init_state(params, tx, stage, 0)
+    step = make_train_step(graphdef, rest, stage, tx, 0)
+    batches = []
+    for k in range(steps + 1):
+        b = {key: v for key, v in pipe[k].items() if key not in ("step", "bucket")}
+        batches.append(P.global_batch(b, mesh) if mesh is not None else b)
+    t = time.perf_counter()
+    state, m = step(state, batches[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t
+    times = []
+    for b in batches[1:]:
+        t = time.perf_counter()
+        state, m = step(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    print(json.dumps({"devices": n, "first_s": first, "step_s": med,
+                      "examples_per_s": sum(stage.data.batch_size.values()) / med}))
+
+
+def memory_child(size: int, batch: int):
+    import importlib.util
+
+    from unipic_jax import sharding
+    from unipic_jax.train import aot
+
+    spec = importlib.util.spec_from_file_location("full", "configs/unipic_1p5b.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("ct")
+    st = c.stages.ct
+    st.buckets, st.understanding_size = ((size, size),), (size, size)
+    st.batch_size.t2i = st.batch_size.edit = st.batch_size.understanding = batch
+    st.max_text_len.edit = st.max_text_len.understanding = (size // 16) ** 2 + 64 + 32
+    import jax
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1})
+    t = time.perf_counter()
+    lowered, info = aot.lower_train_step(c, mesh)
+    t_lower = time.perf_counter() - t
+    compiled = lowered.compile()
+    m = compiled.memory_analysis()
+    gib = 2**30
+    print(json.dumps({"devices": jax.device_count(), "params": info["params"], "lower_s": t_lower,
+                      "compile_s": time.perf_counter() - t - t_lower,
+                      "argument_gib": m.argument_size_in_bytes / gib, "output_gib": m.output_size_in_bytes / gib,
+                      "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("speed", "memory"))
+    p.add_argument("--devices", default=None, help="device counts (speed: 1,8; memory: 8)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.child)
+        return speed_child(args.steps) if args.mode == "speed" else memory_child(args.size, args.batch)
+    for n in (int(d) for d in (args.devices or ("1,8" if args.mode == "speed" else "8")).split(",")):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}
+        out = subprocess.run([sys.executable, __file__, args.mode, "--child", str(n), "--steps", str(args.steps),
+                              "--size", str(args.size), "--batch", str(args.batch)], env=env, capture_output=True,
+                             text=True, check=False)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        print(lines[-1] if lines else f"devices={n} failed:\n{out.stderr[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
