@@ -2,7 +2,8 @@
 
     python train.py --config configs/demo.py [--workdir runs/demo] [--config.stages.gen32.steps=200]
 
-Three stages: the tiny VAE (the tokenizer) on 32² images, then text-to-image (with editing and
+Three stages: the tiny VAE (the tokenizer, 600 steps; its latent scale calibrated to unit
+variance afterwards) on 32² images, then text-to-image (with editing and
 understanding at small weights) at 32², then at 48² and 4:3 / 3:4 buckets (progressive
 resolution). Ends with the shapes benchmark on held-out prompts and a sample grid.
 """
@@ -27,11 +28,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.tokenizer = "shapes"
-    c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=dict(mar=dict(grid=8))))
+    c.model = ml_collections.ConfigDict(dict(
+        preset="tiny", overrides=dict(mar=dict(grid=8), diffloss=dict(sampling_steps="100"))))
     c.data = ml_collections.ConfigDict(dict(source="shapes", length=50_000, sizes=SMALL + LARGE))
     c.stage_order = ("vae", "gen32", "gen48")
     c.stages = ml_collections.ConfigDict()
-    c.stages.vae = stage("vae", 300, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6,
+    c.stages.vae = stage("vae", 600, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6,
                          calibrate_scale=True)
     c.stages.gen32 = stage("unipic", 600, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
