@@ -9,8 +9,6 @@ layout and, compiled, gives XLA's per-device memory analysis.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,18 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from unipic_jax import sharding
 from unipic_jax.models import unipic
 from unipic_jax.train import optim
+from unipic_jax.train.run import base_model_config as model_config
 from unipic_jax.train.trainer import Stage, make_train_step
-
-
-def model_config(cfg) -> unipic.UniPicConfig:
-    """The config's model without its tokenizer (vocabulary and ``<image>`` id from the preset)."""
-    mc = unipic.UniPicConfig.preset(cfg.model.preset)
-    for part, fields in dict(cfg.model.get("overrides", {})).items():
-        if hasattr(fields, "items"):
-            mc = dataclasses.replace(mc, **{part: getattr(mc, part).replace(**dict(fields))})
-        else:
-            mc = dataclasses.replace(mc, **{part: fields})
-    return mc
 
 
 def _sds(shape, dtype, mesh, spec):

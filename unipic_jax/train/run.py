@@ -41,14 +41,21 @@ def build_tokenizer(cfg, workdir: Path):
     return tok_lib.load_tokenizer(cfg.tokenizer)
 
 
-def model_config(cfg, tok) -> unipic.UniPicConfig:
+def base_model_config(cfg) -> unipic.UniPicConfig:
+    """``cfg.model``: a ``UniPicConfig`` preset with nested overrides (``{"mar": {"grid": 8}}``)."""
     mc = unipic.UniPicConfig.preset(cfg.model.preset)
-    for part, fields in dict(cfg.model.get("overrides", {})).items():  # {"mar": {"grid": 8}, "image_token_id": 5}
+    for part, fields in dict(cfg.model.get("overrides", {})).items():
         if hasattr(fields, "items"):
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(fields).items()}
             mc = dataclasses.replace(mc, **{part: getattr(mc, part).replace(**fields)})
         else:
             mc = dataclasses.replace(mc, **{part: fields})
+    return mc
+
+
+def model_config(cfg, tok) -> unipic.UniPicConfig:
+    """The model of ``cfg`` with the LLM's vocabulary, EOS/pad and ``<image>`` id from ``tok``."""
+    mc = base_model_config(cfg)
     vocab = max(mc.llm.vocab_size if cfg.tokenizer != "shapes" else 0, -(-len(tok) // 64) * 64)
     return dataclasses.replace(mc, llm=mc.llm.replace(vocab_size=vocab, eos_token_id=tok_lib.stop_token_ids(tok),
                                                       pad_token_id=tok.pad_token_id, bos_token_id=None),
