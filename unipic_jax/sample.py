@@ -33,7 +33,6 @@ and every function here runs on it; the batch follows the ``batch`` logical axis
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Sequence
 
@@ -46,23 +45,10 @@ from unipic_jax import sharding
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import image as image_lib
 from unipic_jax.models import mar as mar_lib
+from unipic_jax.models.mar import mask_schedule
 from unipic_jax.models.unipic import UniPic
 
 CFG_SCHEDULES = ("constant", "linear")
-
-
-def mask_schedule(length: int, num_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(masked, clamped)``: ``masked[k]`` tokens are masked before step ``k`` (``num_iter + 1``
-    entries, from ``length`` down to 0); ``clamped[k]`` is the count the release computes
-    after step ``k`` (≥ 1 even after the last step), which the linear CFG schedule uses."""
-    if num_iter < 1 or length < 1:
-        raise ValueError(f"Need num_iter >= 1 and at least one token, got num_iter={num_iter}, length={length}")
-    masked, clamped = [length], []
-    for k in range(num_iter):
-        n = max(1, min(masked[-1] - 1, math.floor(length * math.cos(math.pi / 2.0 * (k + 1) / num_iter))))
-        clamped.append(n)
-        masked.append(0 if k == num_iter - 1 else n)
-    return np.asarray(masked, np.int32), np.asarray(clamped, np.int32)
 
 
 def cfg_scales(cfg: float, schedule: str, length: int, clamped: np.ndarray) -> np.ndarray:

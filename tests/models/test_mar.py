@@ -80,14 +80,12 @@ def test_mask_ratio_is_the_truncated_normal():
 
 
 def test_sampling_schedule():
-    L, K = 16, 4
-    remaining, seq = L, []
-    for step in range(K):
-        remaining = int(M.masked_after_step(L, step, K, remaining)) if step < K - 1 else 0
-        seq.append(remaining)
+    masked, clamped = M.mask_schedule(16, 4)
+    seq = masked[1:].tolist()
     assert seq == [14, 11, 6, 0]  # floor(16 cos(pi/2 k/4)) for k = 1..3, then all sampled
-    assert int(M.masked_after_step(16, 0, 64, 16)) == 15  # always at least one token per step
-    assert int(M.masked_after_step(16, 62, 64, 2)) == 1  # at least one stays masked until the last step
+    assert int(M.mask_schedule(16, 64)[0][1]) == 15  # always at least one token per step
+    masked, clamped = M.mask_schedule(16, 64)
+    assert int(masked[63]) == 1 and int(clamped[62]) == 1  # at least one stays masked until the last step
 
 
 def test_release_key_round_trip(model):

@@ -55,7 +55,7 @@ def copy_tokenizer(llm_dir: Path, dst: Path) -> Path | None:
         shutil.copy2(f, tmp / f.name)
     final = dst / "tokenizer"
     if final.exists():
-        shutil.rmtree(final)  # written by an earlier conversion into this checkpoint (--overwrite)
+        shutil.rmtree(final)  # only reached with --overwrite (main refuses an existing one otherwise)
     tmp.rename(final)
     return final
 
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
             model = checkpoint.load_model(args.src, mesh=mesh, dtype=args.dtype)
             out = to_hf(model, args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         elif args.command == "unipic-to-orbax":
+            if (Path(args.dst) / "tokenizer").exists() and not args.overwrite:
+                raise FileExistsError(f"{args.dst}/tokenizer already exists; pass --overwrite to replace it.")
             config = {"preset": args.config, **dict(args.overrides)} if args.overrides else args.config
             model = from_unipic(args.src, config=config, mesh=mesh, dtype=args.dtype, llm_dir=args.llm_dir)
             out = checkpoint.save_model(args.dst, model, overwrite=args.overwrite)

@@ -32,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unipic_jax import sharding
@@ -193,11 +194,18 @@ def training_mask(key, batch: int, length: int, mask_ratio_min: float = 0.7) -> 
     return mask_by_order(random_orders(k2, batch, length), n)
 
 
-def masked_after_step(length: int, step, num_iter: int, currently_masked) -> jax.Array:
-    """Tokens still masked after sampling step ``step`` (0-based) of ``num_iter``:
-    ``floor(L · cos(π/2 · (step+1)/num_iter))``, at least 1 and at most ``currently_masked − 1``."""
-    n = jnp.floor(length * jnp.cos(math.pi / 2.0 * (step + 1) / num_iter))
-    return jnp.maximum(1.0, jnp.minimum(currently_masked - 1.0, n)).astype(jnp.int32)
+def mask_schedule(length: int, num_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(masked, clamped)``: ``masked[k]`` tokens are masked before step ``k`` (``num_iter + 1``
+    entries, from ``length`` down to 0); ``clamped[k]`` is the count the release computes
+    after step ``k`` (≥ 1 even after the last step), which the linear CFG schedule uses."""
+    if num_iter < 1 or length < 1:
+        raise ValueError(f"Need num_iter >= 1 and at least one token, got num_iter={num_iter}, length={length}")
+    masked, clamped = [length], []
+    for k in range(num_iter):
+        n = max(1, min(masked[-1] - 1, math.floor(length * math.cos(math.pi / 2.0 * (k + 1) / num_iter))))
+        clamped.append(n)
+        masked.append(0 if k == num_iter - 1 else n)
+    return np.asarray(masked, np.int32), np.asarray(clamped, np.int32)
 
 
 def _block_rules(prefix: str) -> tuple[Rule, ...]:
