@@ -38,10 +38,16 @@ def main(argv):
     from unipic_jax.eval import shapes as shapes_eval
 
     ckpt = Path(_CHECKPOINT.value)
-    tok = tok_lib.load_tokenizer(_TOKENIZER.value or ckpt.parent / "tokenizer")
+    try:
+        model = checkpoint.load_model(ckpt)
+        tok = tok_lib.load_tokenizer(_TOKENIZER.value or ckpt.parent / "tokenizer")
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"eval.py: {e}") from None
+    if len(tok) > model.config.llm.vocab_size:
+        raise SystemExit(f"eval.py: the tokenizer has {len(tok)} tokens but the model's vocabulary is "
+                         f"{model.config.llm.vocab_size}; pass the tokenizer the model was trained with (--tokenizer).")
     out = Path(_OUT.value or ckpt.parent / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    model = checkpoint.load_model(ckpt)
     size = (_SIZE.value, _SIZE.value)
     kw = dict(num_iter=_NUM_ITER.value, cfg=_CFG.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
               split=_SPLIT.value)

@@ -2,10 +2,11 @@
 
     python train.py --config configs/demo.py [--workdir runs/demo] [--config.stages.gen32.steps=200]
 
-Three stages: the tiny VAE (the tokenizer, 600 steps; its latent scale calibrated to unit
-variance afterwards) on 32² images, then text-to-image (with editing and
-understanding at small weights) at 32², then at 48² and 4:3 / 3:4 buckets (progressive
-resolution). Ends with the shapes benchmark on held-out prompts and a sample grid.
+Three stages: the tiny VAE (the tokenizer, 600 steps, L2 pixel loss; its latent scale
+calibrated to unit variance afterwards) on 32² images, then text-to-image at 32², then at 48²
+and 4:3 / 3:4 buckets (progressive resolution), with a grid of samples for fixed prompts every
+300 steps (``WORKDIR/samples``). Ends with the shapes benchmark on held-out prompts and a
+sample grid.
 """
 
 import ml_collections
@@ -28,18 +29,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.tokenizer = "shapes"
-    c.model = ml_collections.ConfigDict(dict(
-        preset="tiny", overrides=dict(mar=dict(grid=8), diffloss=dict(sampling_steps="100"))))
+    c.init = ""  # initial weights: a model checkpoint, HF folder or UniPic release (see train/warm_start.py)
+    c.init_parts = ("",)
+    # the tiny preset widened to 1.1M parameters (LLM 128, MAR 64, diffusion head 128 x 3)
+    c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=dict(
+        llm=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2),
+        mar=dict(grid=8, width=64, num_heads=4),
+        diffloss=dict(sampling_steps="100", z_channels=64, width=128, depth=3, batch_mul=4))))
     c.data = ml_collections.ConfigDict(dict(source="shapes", length=50_000, sizes=SMALL + LARGE))
     c.stage_order = ("vae", "gen32", "gen48")
     c.stages = ml_collections.ConfigDict()
-    c.stages.vae = stage("vae", 600, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6,
+    c.stages.vae = stage("vae", 600, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6, recon="l2",
                          calibrate_scale=True)
     c.stages.gen32 = stage("unipic", 600, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
     c.stages.gen48 = stage("unipic", 300, 5e-4, LARGE, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
-    c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True))
+    c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True,
+                                             sample_every=300, sample_prompts=()))
     c.eval = ml_collections.ConfigDict(dict(per_category=8, size=(48, 48), num_iter=16, cfg=2.0, temperature=1.0,
                                             edit_per_kind=0, qa=0))
     return c

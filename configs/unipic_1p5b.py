@@ -49,6 +49,10 @@ def get_config(stage: str = "ct") -> ml_collections.ConfigDict:
     c.seed = 0
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.tokenizer = "Qwen2.5-1.5B-Instruct"  # a local folder: tokenizers are never downloaded
+    # initial weights: the UniPic-1 release or a converted checkpoint (all parts), or an HF
+    # Qwen2.5 folder with init_parts=("llm",); see unipic_jax/train/warm_start.py
+    c.init = ""
+    c.init_parts = ("",)
     c.model = ml_collections.ConfigDict(dict(
         preset="unipic_1_5b",
         overrides=dict(llm=dict(dtype="bfloat16", param_dtype="float32", remat="full"),
@@ -69,7 +73,8 @@ def get_config(stage: str = "ct") -> ml_collections.ConfigDict:
         max_text_len=dict(t2i=128, edit=(s["gen"] // 16) ** 2 + 64 + 96,
                           understanding=(s["und"] // 16) ** 2 + 64 + 160),
         loss_weights=s["weights"], caption_dropout=0.1))
-    c.train = ml_collections.ConfigDict(dict(log_every=50, checkpoint_every=1000, keep=3, progress=True))
+    c.train = ml_collections.ConfigDict(dict(log_every=50, checkpoint_every=1000, keep=3, progress=True,
+                                             sample_every=1000, sample_prompts=()))
     c.eval = ml_collections.ConfigDict(dict(per_category=0, size=(512, 512), num_iter=32, cfg=3.0, temperature=1.0,
                                             edit_per_kind=0, qa=0))
     return c

@@ -16,7 +16,7 @@ def demo_config():
     c.stages.vae.steps, c.stages.gen32.steps, c.stages.gen48.steps = 2, 2, 2
     for s in c.stage_order:
         c.stages[s].batch_size.t2i = 2
-    c.train.checkpoint_every, c.train.progress = 2, False
+    c.train.checkpoint_every, c.train.progress, c.train.sample_every = 2, False, 2
     c.eval.per_category, c.eval.num_iter = 1, 2
     c.data.length = 64
     return c
@@ -31,6 +31,12 @@ def test_demo_config_trains_resumes_and_reports(tmp_path):
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert (tmp_path / "samples.png").exists() and (tmp_path / "model" / "config.json").exists()
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    # the periodic grid of the generation stages (none for the VAE stage), at their buckets
+    from PIL import Image
+
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["0000004_gen32.png", "0000006_gen48.png"], grids
+    assert Image.open(tmp_path / "samples" / grids[1]).size[1] > Image.open(tmp_path / "samples" / grids[0]).size[1]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     text = run.format_summary(summary)
     assert "shapes benchmark" in text and "sample grid" in text

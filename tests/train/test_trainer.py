@@ -104,6 +104,35 @@ def test_exact_resume_after_an_interruption_skipping_a_corrupt_checkpoint(full_r
         np.testing.assert_array_equal(x, y)
 
 
+def test_sigterm_saves_and_the_same_command_resumes_exactly(full_run, mcfg, tok, tmp_path):
+    """SIGTERM (a pre-empted pod) mid-stage: the step in flight finishes, a checkpoint is written,
+    the run reports itself stopped; restarting ends bit-identical to the uninterrupted run. The
+    periodic sample hook sees the model being trained and its grids land under samples/."""
+    import os
+    import signal
+
+    seen = []
+
+    def sample_fn(model, stage, step):
+        seen.append((stage.name, step, type(model).__name__))
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return np.full((4, 6, 3), step, np.uint8)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    part = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    r = trainer(part, mcfg, tok, tmp_path, sample_every=1, sample_fn=sample_fn).run()
+    assert r.stopped and r.steps == 3 and seen == [("vae", 1, "UniPic"), ("vae", 2, "UniPic"), ("gen", 3, "UniPic")]
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    assert 3 in [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "0000001_vae.png", "0000002_vae.png", "0000003_gen.png"]
+    resumed = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    assert trainer(resumed, mcfg, tok, tmp_path).run().steps == 5
+    for x, y in zip(params_of(full_run[2]), params_of(resumed), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_a_checkpoint_restores_onto_a_different_mesh(full_run, mcfg, tok, tmp_path):
     from unipic_jax import sharding
 

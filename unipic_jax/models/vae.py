@@ -252,13 +252,17 @@ class AutoencoderKL(nnx.Module):
         z = latents.astype(jnp.float32) / self.config.scale
         return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
 
-    def loss(self, images, key, kl_weight: float = 1e-6):
-        """Tokenizer training loss: per-image sum of ``|x − x̂|`` plus ``kl_weight`` × KL to
-        N(0, I), averaged over the batch (LDM's normalisation), and its parts."""
+    def loss(self, images, key, kl_weight: float = 1e-6, recon: str = "l1"):
+        """Tokenizer training loss: per-image sum of ``|x − x̂|`` (``recon="l1"``, LDM's pixel
+        term) or ``(x − x̂)²`` (``"l2"``) plus ``kl_weight`` × KL to N(0, I), averaged over the
+        batch (LDM's normalisation), and its parts."""
+        if recon not in ("l1", "l2"):
+            raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
         mean, logvar = self.posterior(images)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-        recon = self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
-        rec = jnp.mean(jnp.sum(jnp.abs(images - recon), axis=(1, 2, 3)))
+        out = self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
+        err = jnp.abs(images - out) if recon == "l1" else jnp.square(images - out)
+        rec = jnp.mean(jnp.sum(err, axis=(1, 2, 3)))
         kl = jnp.mean(0.5 * jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         return rec + kl_weight * kl, {"rec": rec, "kl": kl}
 

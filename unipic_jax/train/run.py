@@ -1,14 +1,22 @@
 """From a config to a finished run: mesh, tokenizer, model, data, stages, training, final
 evaluation. ``train.py`` is a thin command line over :func:`run`.
 
-Config fields (see ``configs/demo.py``): ``seed``; ``mesh`` (``data``, ``fsdp``, ``tensor``);
-``tokenizer`` (``"shapes"``: the shapes world's word-level tokenizer, written to
-``WORKDIR/tokenizer``; or a tokenizer folder); ``model`` (``preset`` of ``UniPicConfig`` and
-nested ``overrides`` such as ``{"mar": {"grid": 8}}``; the LLM vocabulary and ``image_token_id`` follow the tokenizer);
-``data`` (the shapes world's ``length`` and canvas ``sizes`` per task source); ``stage_order``
-and ``stages`` (see :class:`unipic_jax.train.trainer.Stage`); ``train`` (``log_every``,
-``checkpoint_every``, ``keep``, ``sample_every``); ``eval`` (held-out shapes prompts per
-category, image ``size``, sampling settings).
+Config fields (see ``configs/demo.py``):
+
+* ``seed``; ``mesh`` (``data``, ``fsdp``, ``tensor``);
+* ``tokenizer``: ``"shapes"`` (the shapes world's word-level tokenizer, written to
+  ``WORKDIR/tokenizer``) or a tokenizer folder;
+* ``model``: ``preset`` of ``UniPicConfig`` and nested ``overrides`` such as
+  ``{"mar": {"grid": 8}}``; the LLM vocabulary and ``image_token_id`` follow the tokenizer;
+* ``init`` / ``init_parts``: initial weights (a model checkpoint, a Hugging Face folder or the
+  UniPic-1 release) and the parameter prefixes taken from them, see
+  :mod:`unipic_jax.train.warm_start`;
+* ``data``: the source (the shapes world's ``length`` and canvas ``sizes``, TFDS or JSONL);
+* ``stage_order`` and ``stages``: see :class:`unipic_jax.train.trainer.Stage`;
+* ``train``: ``log_every``, ``checkpoint_every``, ``keep``, ``progress``, ``sample_every``
+  with ``sample_prompts`` (a PNG grid under ``WORKDIR/samples`` and in TensorBoard every that
+  many steps);
+* ``eval``: held-out shapes prompts per category, image ``size``, sampling settings.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from unipic_jax import checkpoint, sharding
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import sources as sources_lib
 from unipic_jax.models import unipic
-from unipic_jax.train.trainer import Stage, Trainer, write_json
+from unipic_jax.train.trainer import Stage, Trainer, set_vae_scale, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +52,14 @@ def build_tokenizer(cfg, workdir: Path):
 def base_model_config(cfg) -> unipic.UniPicConfig:
     """``cfg.model``: a ``UniPicConfig`` preset with nested overrides (``{"mar": {"grid": 8}}``)."""
     mc = unipic.UniPicConfig.preset(cfg.model.preset)
+    changes = {}  # applied together: the parts are validated against each other
     for part, fields in dict(cfg.model.get("overrides", {})).items():
         if hasattr(fields, "items"):
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(fields).items()}
-            mc = dataclasses.replace(mc, **{part: getattr(mc, part).replace(**fields)})
+            changes[part] = getattr(mc, part).replace(**fields)
         else:
-            mc = dataclasses.replace(mc, **{part: fields})
-    return mc
+            changes[part] = fields
+    return dataclasses.replace(mc, **changes)
 
 
 def model_config(cfg, tok) -> unipic.UniPicConfig:
@@ -60,6 +69,18 @@ def model_config(cfg, tok) -> unipic.UniPicConfig:
     return dataclasses.replace(mc, llm=mc.llm.replace(vocab_size=vocab, eos_token_id=tok_lib.stop_token_ids(tok),
                                                       pad_token_id=tok.pad_token_id, bos_token_id=None),
                                image_token_id=tok_lib.image_token_id(tok))
+
+
+def release_config(cfg) -> dict:
+    """``cfg.model`` as :func:`unipic_jax.convert.release.from_unipic`'s config: the preset and
+    dotted overrides (``{"preset": ..., "mar.grid": 8}``)."""
+    out = {"preset": cfg.model.preset}
+    for part, fields in dict(cfg.model.get("overrides", {})).items():
+        if hasattr(fields, "items"):
+            out.update({f"{part}.{k}": tuple(v) if isinstance(v, list) else v for k, v in dict(fields).items()})
+        else:
+            out[part] = fields
+    return out
 
 
 def build_sources(cfg, tasks=sources_lib.TASKS) -> dict[str, Any]:
@@ -87,11 +108,19 @@ def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
     mc = model_config(cfg, tok)
     model = sharding.create_sharded(lambda: unipic.UniPic(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if cfg.get("init"):
+        from unipic_jax.train import warm_start
+
+        info = warm_start.warm_start(model, cfg.init, parts=tuple(cfg.get("init_parts", ("",))), mesh=mesh,
+                                     release_config=release_config(cfg))
+        if info["vae_scale"] is not None:
+            set_vae_scale(model, info["vae_scale"])
     log.info("model: %.2fM parameters on mesh %s", n_params / 1e6, dict(mesh.shape))
     stages = [Stage.from_config(name, cfg.stages[name], mc, cfg.seed) for name in cfg.stage_order]
     needed = sorted({t for st in stages for t in st.data.batch_size})
     trainer = Trainer(model, stages, build_sources(cfg, needed), tok, workdir, seed=cfg.seed,
                       log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every, keep=cfg.train.keep,
+                      sample_every=int(cfg.train.get("sample_every", 0)), sample_fn=sample_fn(cfg, tok),
                       progress=cfg.train.get("progress", True))
     result = trainer.run(max_steps=max_steps)
     summary: dict[str, Any] = {"steps": result.steps, "final_metrics": result.last_metrics, "params": n_params}
@@ -107,6 +136,39 @@ def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
         summary.update(evaluate(model, tok, cfg.eval, workdir))
     write_json(workdir / "summary.json", summary)
     return summary
+
+
+def sample_prompts(cfg) -> list[str]:
+    """``train.sample_prompts``, or the first held-out shapes prompt of each GenEval category."""
+    prompts = list(cfg.train.get("sample_prompts", ()) or ())
+    if not prompts:
+        from unipic_jax.data import shapes as world
+
+        prompts = [world.t2i_example(i, "validation", seed=cfg.seed, category=c)["prompt"]
+                   for i in range(2) for c in world.CATEGORIES]
+    return prompts
+
+
+def sample_fn(cfg, tok):
+    """The periodic sample grid of a run (``train.sample_every`` steps): the fixed prompts of
+    :func:`sample_prompts` at the stage's first bucket, sampled as ``eval`` says (same seed
+    every time, so grids of successive steps compare)."""
+    if not int(cfg.train.get("sample_every", 0)):
+        return None
+    from unipic_jax import sample
+    from unipic_jax.eval import shapes as shapes_eval
+
+    prompts, e = sample_prompts(cfg), cfg.eval
+
+    def fn(model, stage, step):
+        del step
+        if stage.kind != "unipic":
+            return None
+        images = sample.text_to_image(model, tok, prompts, size=tuple(stage.data.buckets[0]), seed=cfg.seed,
+                                      num_iter=int(e.num_iter), cfg=float(e.cfg), temperature=float(e.temperature))
+        return shapes_eval.grid(images, cols=min(len(prompts), 6))
+
+    return fn
 
 
 def evaluate(model, tok, ecfg, workdir: Path) -> dict:

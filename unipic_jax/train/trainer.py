@@ -2,7 +2,7 @@
 
 A run is a sequence of **stages** (``cfg.stage_order``, each ``cfg.stages[name]``):
 
-* ``kind="vae"``: the tokenizer's loss (L1 reconstruction + ``kl_weight`` · KL) on the
+* ``kind="vae"``: the tokenizer's loss (``recon`` L1 or L2 reconstruction + ``kl_weight`` · KL) on the
   text-to-image images;
 * ``kind="unipic"``: ``loss_weights`` · (text-to-image diffusion loss, editing loss,
   understanding cross-entropy), the VAE frozen (its latents under ``stop_gradient``).
@@ -71,6 +71,7 @@ class Stage:
     accumulate: int = 1
     ema: float = 0.0
     kl_weight: float = 1e-6
+    recon: str = "l1"  # vae stages: the pixel loss, "l1" (LDM) or "l2"
     calibrate_scale: bool = False  # vae stages: afterwards, set the latent scale to 1 / std(latents)
     loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"t2i": 1.0})
     data: pipeline_lib.PipelineConfig = dataclasses.field(default_factory=pipeline_lib.PipelineConfig)
@@ -99,7 +100,7 @@ class Stage:
 def stage_loss(model, stage: Stage, batch: dict, key) -> tuple[jax.Array, dict]:
     """The stage's weighted loss and its parts (float32)."""
     if stage.kind == "vae":
-        loss, parts = model.vae.loss(batch["t2i/pixels"], key, stage.kl_weight)
+        loss, parts = model.vae.loss(batch["t2i/pixels"], key, stage.kl_weight, stage.recon)
         return loss, parts
     enc = lambda x: jax.lax.stop_gradient(model.vae.encode(x))  # noqa: E731  (the VAE is frozen)
     keys = jax.random.split(key, 3)
@@ -263,7 +264,7 @@ class Trainer:
                 continue
             start_stage, start_step, restored = names.index(meta["stage"]), int(meta["stage_step"]), ckpt_step
             if "vae_scale" in meta:
-                self._set_scale(float(meta["vae_scale"]))
+                set_vae_scale(self.model, float(meta["vae_scale"]))
             break
         history: list[dict[str, float]] = []
         last: dict[str, float] = {}
@@ -287,7 +288,8 @@ class Trainer:
                     graphdef, _, rest = nnx.split(self.model, nnx.Param, ...)  # the config may have changed
                     step_fn = make_train_step(graphdef, rest, stage, tx, self.seed)
                     state, last, n, stop = self._run_stage(si, stage, state, it, step_fn, first, history,
-                                                           None if max_steps is None else max_steps - done_here)
+                                                           None if max_steps is None else max_steps - done_here,
+                                                           view=lambda p, g=graphdef, r=rest: nnx.merge(g, p, r))
                 done_here += n
                 params = state["ema"] if (stage.ema and not stop and first + n == stage.steps) else state["params"]
                 if stage.kind == "vae" and stage.calibrate_scale and not stop and first + n == stage.steps:
@@ -310,7 +312,7 @@ class Trainer:
             raise RuntimeError(f"Checkpoint {ckpt_step} in {self.workdir / 'checkpoints'} does not restore onto this "
                                f"config ({type(e).__name__}: {e}). Move it away to start over.") from e
 
-    def _run_stage(self, si, stage: Stage, state, it, step_fn, first: int, history, budget):
+    def _run_stage(self, si, stage: Stage, state, it, step_fn, first: int, history, budget, view=None):
         offset = self.offsets()[si]
         examples = sum(stage.data.batch_size.values())
         bar = None
@@ -351,8 +353,8 @@ class Trainer:
                 n += 1
                 if bar is not None:
                     bar.update(1)
-                if self.sample_every and self.sample_fn and (k + 1) % self.sample_every == 0:
-                    self.sample_fn(state, stage, offset + k + 1)
+                if self.sample_every and self.sample_fn and view and (k + 1) % self.sample_every == 0:
+                    self._samples(view(state["ema"] if stage.ema else state["params"]), stage, offset + k + 1)
                 if (k + 1) % self.checkpoint_every == 0 or k + 1 == stage.steps or self._stop:
                     self._save(state, it, stage, k + 1, force=self._stop or k + 1 == stage.steps)
                 if self._stop:
@@ -362,16 +364,23 @@ class Trainer:
                 bar.close()
         return state, last, n, False
 
+    def _samples(self, model, stage: Stage, step: int):
+        """``sample_fn(model, stage, step)`` → a uint8 ``(H, W, 3)`` grid (or None), written to
+        ``WORKDIR/samples/{step}_{stage}.png`` and TensorBoard's ``samples`` image."""
+        grid = self.sample_fn(model, stage, step)
+        if grid is None or jax.process_index() != 0:
+            return
+        from unipic_jax import sample
+
+        grid = np.asarray(grid, np.uint8)
+        sample.save_png(grid[None], [self.workdir / "samples" / f"{step:07d}_{stage.name}.png"])
+        if self.tb is not None:
+            self.tb.add_image("samples", grid, step, dataformats="HWC")
+
     def _save(self, state, it, stage: Stage, stage_step: int, force: bool):
         step = self.offsets()[self.stages.index(stage)] + stage_step
         meta = {"stage": stage.name, "stage_step": stage_step, "vae_scale": self.model.config.vae.scale}
         self.ckpt.save(step, state, it, meta, force=force)
-
-    def _set_scale(self, scale: float):
-        """Sets the VAE's latent scale (a static config field) on the model."""
-        cfg = self.model.config
-        self.model.vae.config = cfg.vae.replace(scale=scale)
-        self.model.config = dataclasses.replace(cfg, vae=self.model.vae.config)
 
     def _calibrate(self, params, pipe, batches: int = 4):
         """Latent scale = 1 / std of the (unscaled) posterior means of the stage's first batches,
@@ -380,8 +389,15 @@ class Trainer:
         means = [np.asarray(jax.jit(lambda x: self.model.vae.posterior(x)[0])(pipe[k]["t2i/pixels"]))
                  for k in range(batches)]
         std = float(np.concatenate([m.ravel() for m in means]).std())
-        self._set_scale(1.0 / max(std, 1e-6))
+        set_vae_scale(self.model, 1.0 / max(std, 1e-6))
         log.info("VAE latent scale calibrated: std %.4f -> scale %.4f", std, self.model.config.vae.scale)
+
+
+def set_vae_scale(model, scale: float):
+    """Sets the VAE's latent scale (a static config field) on a UniPic model."""
+    cfg = model.config
+    model.vae.config = cfg.vae.replace(scale=scale)
+    model.config = dataclasses.replace(cfg, vae=model.vae.config)
 
 
 def _main_thread() -> bool:
