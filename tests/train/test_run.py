@@ -18,6 +18,8 @@ def demo_config():
         c.stages[s].batch_size.t2i = 2
     c.train.checkpoint_every, c.train.progress, c.train.sample_every = 2, False, 2
     c.eval.per_category, c.eval.num_iter = 1, 2
+    c.train.sample_prompts = ("a photo of a red circle", "a photo of two squares")
+    c.model.overrides.diffloss.sampling_steps = "10"  # toy length: sampling cost, not quality
     c.data.length = 64
     return c
 
