@@ -56,7 +56,8 @@ def main(argv):
     results["t2i"] = t2i["scores"]
     sample.save_png(shapes_eval.grid(t2i["images"], cols=_PER_CATEGORY.value)[None], [out / "t2i.png"])
     print(f"text-to-image overall {t2i['scores']['overall']:.3f}: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in t2i["scores"]["categories"].items()))
+          ", ".join(f"{k} {v:.3f}" for k, v in t2i["scores"]["categories"].items()) +
+          f"; objects per image {t2i['scores']['objects']:.2f} (prompted {t2i['scores']['prompted_objects']:.2f})")
     if _EDIT.value:
         ed = shapes_eval.edit(model, tok, size=size, per_kind=_EDIT.value, **kw)
         results["edit"] = ed["scores"]

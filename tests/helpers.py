@@ -51,3 +51,18 @@ def assert_same_tensors(a, b):
         assert ta[k].dtype == tb[k].dtype, k
         assert ta[k].shape == tb[k].shape, k
         assert ta[k].tobytes() == tb[k].tobytes(), k
+
+
+def randomize(model, seed=0, scale=0.1):
+    """Adds N(0, scale²) noise to every parameter of an NNX model, in place, and returns it:
+    layers that MAR and the diffusion head initialise to zero (adaLN modulation, the head's
+    output layer) then take part in what a test measures."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+    rs = np.random.RandomState(seed)
+    new = [x + jnp.asarray(rs.randn(*x.shape) * scale, x.dtype) for x in leaves]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import randomize
 from PIL import Image
 
 from unipic_jax import sample as S
@@ -21,7 +22,7 @@ GRID = (4, 4)
 
 @pytest.fixture(scope="module")
 def model():
-    return U.UniPic(CFG, rngs=nnx.Rngs(0))
+    return randomize(U.UniPic(CFG, rngs=nnx.Rngs(0)))  # the zero-initialised head layers take part
 
 
 def prompts(seed=0, B=2, T=7, cfg=True):
@@ -120,7 +121,7 @@ def test_bad_inputs_are_named(model):
 
 def test_sharded_sampling_equals_unsharded(model):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    sharded = sharding.create_sharded(lambda: U.UniPic(CFG, rngs=nnx.Rngs(0)), mesh)
+    sharded = randomize(sharding.create_sharded(lambda: U.UniPic(CFG, rngs=nnx.Rngs(0)), mesh))
     assert sharding.mesh_of(sharded) is mesh
     ids, mask = prompts(2)
     a = S.sample_latents(model, ids, mask, grid=GRID, seed=1, num_iter=4, cfg=2.5)

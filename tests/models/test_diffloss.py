@@ -9,6 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import randomize
+
 from unipic_jax.convert.hf import DictSource, load_state
 from unipic_jax.convert.mapping import KeyMap, ours_to_torch, path_str
 from unipic_jax.models import diffloss as DL
@@ -46,7 +48,7 @@ def test_release_keys_round_trip_bit_identical():
 
 
 def test_cfg_batch_layout():
-    model = DL.DiffLoss(TINY, rngs=nnx.Rngs(1))  # random init: the final layer is not zero as in MAR
+    model = randomize(DL.DiffLoss(TINY, rngs=nnx.Rngs(1)))  # MAR's init zeroes the output layer
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(6, 4), jnp.float32)
     z = jnp.asarray(rs.randn(6, 12), jnp.float32)
@@ -93,3 +95,18 @@ def test_unknown_release_key_is_named(bad):
     abstract = nnx.eval_shape(lambda: DL.DiffLoss(TINY, rngs=nnx.Rngs(0)))
     with pytest.raises(Exception, match=bad.replace(".", r"\.")):
         load_state(abstract, DictSource({bad: np.zeros(2)}), KeyMap(DL.TORCH_RULES), progress=False)
+
+
+def test_init_follows_mar():
+    """MAR's initialize_weights: xavier_uniform Linear layers, N(0, 0.02²) time embedding,
+    adaLN modulation and the output layer zero, so every residual block starts as identity."""
+    net = DL.DiffLoss(TINY, rngs=nnx.Rngs(4)).net
+    for block in net.res_blocks:
+        assert np.all(np.asarray(block.ada.kernel[...]) == 0) and np.all(np.asarray(block.ada.bias[...]) == 0)
+    for p in (net.final_layer.ada.kernel, net.final_layer.linear.kernel, net.final_layer.linear.bias):
+        assert np.all(np.asarray(p[...]) == 0)
+    assert 0.015 < float(np.asarray(net.time_embed.fc1.kernel[...]).std()) < 0.025
+    k = np.asarray(net.input_proj.kernel[...])
+    assert np.abs(k).max() <= np.sqrt(6.0 / (4 + 32))
+    x, t, z = jnp.ones((3, 4)), jnp.array([1, 50, 900]), jnp.ones((3, 12))
+    np.testing.assert_array_equal(net(x, t, z), np.zeros((3, 8)))

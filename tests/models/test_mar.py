@@ -102,3 +102,26 @@ def test_release_key_round_trip(model):
         np.testing.assert_array_equal(v, state[k], err_msg=k)
     x = jnp.asarray(np.random.RandomState(2).randn(1, 16, 4), jnp.float32)
     np.testing.assert_array_equal(back.encode(x), model.encode(x))
+
+
+def test_init_follows_mar():
+    """Linear layers xavier_uniform with zero bias (MAR's _init_weights); the 2-D sin-cos start
+    of the position tables has dot products that depend only on the offset between cells."""
+    m = M.MAR(CFG, rngs=nnx.Rngs(3))
+    for dense, fan in ((m.z_proj, 4 + 32), (m.encoder_blocks[0].qkv, 32 + 3 * 32), (m.decoder_blocks[1].fc2, 128 + 32)):
+        k = np.asarray(dense.kernel[...])
+        bound = np.sqrt(6.0 / fan)
+        assert np.abs(k).max() <= bound and np.abs(k).max() > 0.8 * bound
+        assert np.all(np.asarray(dense.bias[...]) == 0)
+    table = M.sincos_2d(5, 16).reshape(5, 5, 16)
+    gram = np.einsum("abc,dec->abde", table, table)
+    for dr, dc in ((0, 1), (1, 0), (2, 3), (1, -2)):
+        vals = [gram[r, c, r + dr, c + dc] for r in range(5) for c in range(5) if 0 <= r + dr < 5 and 0 <= c + dc < 5]
+        np.testing.assert_allclose(vals, vals[0], rtol=1e-5, atol=1e-6)
+    assert gram[2, 2, 2, 2] > gram[2, 2, 2, 3] > gram[2, 2, 2, 4]  # nearer cells are more alike
+    sin = M.MAR(CFG.replace(pos_init="sincos"), rngs=nnx.Rngs(3))
+    np.testing.assert_allclose(np.asarray(sin.decoder_pos_embed[...])[0, 4:], M.sincos_2d(4, 32), atol=1e-7)
+    np.testing.assert_allclose(np.asarray(sin.diffusion_pos_embed[...])[0], M.sincos_2d(4, 32), atol=1e-7)
+    assert 0 < np.asarray(sin.encoder_pos_embed[...])[0, :4].std() < 0.05  # the buffer rows stay N(0, 0.02²)
+    with pytest.raises(ValueError, match="pos_init"):
+        CFG.replace(pos_init="rope")

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import randomize
 
 from unipic_jax.models import mar as M
 from unipic_jax.models import unipic as U
@@ -15,7 +16,7 @@ CFG = U.UniPicConfig.preset("tiny")
 
 @pytest.fixture(scope="module")
 def model():
-    return U.UniPic(CFG, rngs=nnx.Rngs(0))
+    return randomize(U.UniPic(CFG, rngs=nnx.Rngs(0)))  # the zero-initialised head layers take part
 
 
 def batch(seed=0, B=2, T=6):
@@ -134,12 +135,13 @@ def test_visual_gradient_scale_reaches_the_image_path_only(model):
         m = nnx.clone(model)
         m.config = CFG.replace(visual_grad_scale=g)
         grads[g] = nnx.grad(lambda m: m.understanding_loss(ids, jnp.ones_like(ids, bool), labels, lat))(m)
-    np.testing.assert_allclose(grads[0.1]["proj_in"]["fc1"]["kernel"][...],
-                               0.1 * grads[1.0]["proj_in"]["fc1"]["kernel"][...], rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(grads[0.1]["mar"]["z_proj"]["kernel"][...],
-                               0.1 * grads[1.0]["mar"]["z_proj"]["kernel"][...], rtol=1e-4, atol=1e-9)
+    for part, leaf in (("proj_in", "fc1"), ("mar", "z_proj")):
+        full = 0.1 * grads[1.0][part][leaf]["kernel"][...]
+        # f32 sums in another order: tolerance relative to the gradient's scale
+        np.testing.assert_allclose(grads[0.1][part][leaf]["kernel"][...], full, rtol=1e-4,
+                                   atol=1e-3 * np.abs(full).max())
     np.testing.assert_allclose(grads[0.1]["llm"]["final_norm"]["scale"][...],
-                               grads[1.0]["llm"]["final_norm"]["scale"][...], rtol=1e-5)
+                               grads[1.0]["llm"]["final_norm"]["scale"][...], rtol=1e-4, atol=1e-6)
     assert np.abs(grads[1.0]["proj_in"]["fc1"]["kernel"][...]).max() > 0
 
 
@@ -169,3 +171,17 @@ def test_configs_survive_json(name):
     cfg = U.UniPicConfig.preset(name)
     assert U.UniPicConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     assert cfg.with_dtype("bfloat16").mar.dtype == "bfloat16"
+
+
+def test_zero_init_proj_out_starts_as_plain_mar():
+    """With ``zero_init_proj_out`` the LLM's residual into MAR is zero at initialisation: the
+    conditions are the MAR decoder's alone, whatever the prompt; the default adds the LLM's."""
+    model = U.UniPic(CFG.replace(zero_init_proj_out=True), rngs=nnx.Rngs(0))
+    ids, tmask, lat = batch()
+    mask = M.mask_by_order(M.random_orders(jax.random.key(2), 2, 16), 9)
+    z = model.condition(ids, tmask, lat, mask)
+    plain = model.mar.decode(model.mar.encode(lat.reshape(2, 16, 4), mask, (4, 4)), mask, (4, 4))
+    np.testing.assert_allclose(z, plain, atol=1e-6)
+    np.testing.assert_allclose(model.condition(ids[::-1], tmask, lat, mask), z, atol=1e-6)
+    default = U.UniPic(CFG, rngs=nnx.Rngs(0))
+    assert np.abs(np.asarray(default.condition(ids, tmask, lat, mask)) - np.asarray(plain)).max() > 1e-3

@@ -23,6 +23,7 @@ def accuracy(examples, perturb=lambda x: x):
 def test_ground_truth_scores_at_least_099(examples):
     res = accuracy(examples)
     assert res["overall"] >= 0.99 and res["n"] == N and set(res["categories"]) == set(W.CATEGORIES), res
+    assert abs(res["objects"] - res["prompted_objects"]) < 0.05 and res["prompted_objects"] > 1.2, res
     edits = [W.edit_example(i, "validation") for i in range(40)]
     assert np.mean([R.score(e["target"], e["metadata"])["correct"] for e in edits]) >= 0.95
     # the source is not the edited image
@@ -53,7 +54,8 @@ def test_degrades_sensibly(examples):
     assert noisy["overall"] >= 0.95 and b1 >= 0.85 and half >= 0.7, (noisy, b1, half)
     assert b2 < b1  # heavier blur, lower score
     blank = np.full((64, 64, 3), 255, np.uint8)
-    assert accuracy([{"image": blank, "metadata": e["metadata"]} for e in examples])["overall"] == 0.0
+    res = accuracy([{"image": blank, "metadata": e["metadata"]} for e in examples])
+    assert res["overall"] == 0.0 and res["objects"] == 0.0
 
 
 def test_wrong_images_fail_and_rewards_give_partial_credit(examples):

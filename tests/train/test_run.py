@@ -41,4 +41,4 @@ def test_demo_config_trains_resumes_and_reports(tmp_path):
     assert Image.open(tmp_path / "samples" / grids[1]).size[1] > Image.open(tmp_path / "samples" / grids[0]).size[1]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     text = run.format_summary(summary)
-    assert "shapes benchmark" in text and "sample grid" in text
+    assert "shapes benchmark" in text and "sample grid" in text and "objects per image" in text

@@ -67,15 +67,20 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def _kw(cfg, rngs):
+def _kw(cfg, rngs, init="xavier_uniform"):
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init, rngs=rngs)
+
+
+def _norm_kw(cfg, rngs):
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 class TimestepEmbedder(nnx.Module):
     def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
         self.freq_dim = cfg.freq_dim
-        self.fc1 = Dense(cfg.freq_dim, cfg.width, in_axes=(None,), out_axes=("mlp",), **_kw(cfg, rngs))
-        self.fc2 = Dense(cfg.width, cfg.width, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs))
+        init = jax.nn.initializers.normal(0.02)
+        self.fc1 = Dense(cfg.freq_dim, cfg.width, in_axes=(None,), out_axes=("mlp",), **_kw(cfg, rngs, init))
+        self.fc2 = Dense(cfg.width, cfg.width, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs, init))
 
     def __call__(self, t):
         return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
@@ -92,9 +97,10 @@ class MLP(nnx.Module):
 
 class ResBlock(nnx.Module):
     def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
-        self.in_ln = LayerNorm(cfg.width, eps=1e-6, **_kw(cfg, rngs))
+        self.in_ln = LayerNorm(cfg.width, eps=1e-6, **_norm_kw(cfg, rngs))
         self.mlp = MLP(cfg, rngs=rngs)
-        self.ada = Dense(cfg.width, (3, cfg.width), in_axes=("embed",), out_axes=(None, "mlp"), **_kw(cfg, rngs))
+        self.ada = Dense(cfg.width, (3, cfg.width), in_axes=("embed",), out_axes=(None, "mlp"),
+                         **_kw(cfg, rngs, "zeros"))
 
     def __call__(self, x, y):
         mod = self.ada(jax.nn.silu(y))
@@ -104,9 +110,11 @@ class ResBlock(nnx.Module):
 
 class FinalLayer(nnx.Module):
     def __init__(self, cfg: DiffLossConfig, *, rngs: nnx.Rngs):
-        self.norm = LayerNorm(cfg.width, eps=1e-6, use_scale=False, use_bias=False, **_kw(cfg, rngs))
-        self.ada = Dense(cfg.width, (2, cfg.width), in_axes=("embed",), out_axes=(None, "mlp"), **_kw(cfg, rngs))
-        self.linear = Dense(cfg.width, 2 * cfg.in_channels, in_axes=("embed",), out_axes=(None,), **_kw(cfg, rngs))
+        self.norm = LayerNorm(cfg.width, eps=1e-6, use_scale=False, use_bias=False, **_norm_kw(cfg, rngs))
+        self.ada = Dense(cfg.width, (2, cfg.width), in_axes=("embed",), out_axes=(None, "mlp"),
+                         **_kw(cfg, rngs, "zeros"))
+        self.linear = Dense(cfg.width, 2 * cfg.in_channels, in_axes=("embed",), out_axes=(None,),
+                            **_kw(cfg, rngs, "zeros"))
 
     def __call__(self, x, y):
         mod = self.ada(jax.nn.silu(y))

@@ -87,6 +87,8 @@ class Dense(nnx.Module):
     compilers choose their own layouts), and it makes conversion a pure reshape. Keeping
     the head axis separate lets tensor parallelism split heads. ``bias``: ``out_features``.
     Computation happens in ``dtype``; parameters are stored in ``param_dtype``.
+    ``kernel_init``: an initializer, ``"xavier_uniform"`` (fans are the products of the
+    in / out axes, as for the flat PyTorch matrix), ``"zeros"``, or LeCun normal by default.
     """
 
     def __init__(
@@ -99,16 +101,18 @@ class Dense(nnx.Module):
         use_bias: bool = True,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        kernel_init: Initializer | None = None,
+        kernel_init: Initializer | str | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.dtype = dtype
         n_out = len(self.out_features)
-        kernel_init = kernel_init or jax.nn.initializers.lecun_normal(
-            in_axis=tuple(range(n_out, n_out + len(self.in_features))), out_axis=tuple(range(n_out))
-        )
+        axes = dict(in_axis=tuple(range(n_out, n_out + len(self.in_features))), out_axis=tuple(range(n_out)))
+        if kernel_init is None or isinstance(kernel_init, str):
+            kernel_init = {None: jax.nn.initializers.lecun_normal(**axes),
+                           "xavier_uniform": jax.nn.initializers.xavier_uniform(**axes),
+                           "zeros": jax.nn.initializers.zeros}[kernel_init]
         self.kernel = param(
             rngs, kernel_init, self.out_features + self.in_features, tuple(out_axes) + tuple(in_axes), param_dtype
         )

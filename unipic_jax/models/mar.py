@@ -51,6 +51,7 @@ class MARConfig(PresetConfig):
     buffer_size: int = 64
     grid: int = 32  # side of the token grid the position embeddings are learned for (512 / 16)
     mask_ratio_min: float = 0.7
+    pos_init: str = "normal"  # position tables at init: "normal" (σ 0.02, as MAR) or "sincos" (2-D, MAE)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -58,6 +59,13 @@ class MARConfig(PresetConfig):
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.pos_init not in POS_INITS:
+            raise ValueError(f"pos_init={self.pos_init!r}; choose from {POS_INITS}")
+        if self.pos_init == "sincos" and self.width % 4:
+            raise ValueError(f"pos_init='sincos' needs a width divisible by 4, got {self.width}")
+
+
+POS_INITS = ("normal", "sincos")
 
 
 PRESETS = {
@@ -66,8 +74,41 @@ PRESETS = {
 }
 
 
-def _kw(cfg, rngs):
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+    """MAE's fixed 2-D position table ``(grid², width)``, raster order: the first half of the
+    channels encodes the column, the second the row, each as ``[sin(p·ω_i) | cos(p·ω_i)]``
+    with ``ω_i = 10000^(−i/(width/4))``, ``i < width/4``."""
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def encode(p):
+        a = p.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(a), np.cos(a)], axis=1)
+
+    return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+
+
+def _pos_init(cfg: MARConfig, buffer: int):
+    """Initializer of a ``(1, buffer + grid², width)`` table: the buffer rows normal(0.02),
+    the image rows by ``cfg.pos_init``."""
+    normal = jax.nn.initializers.normal(0.02)
+    if cfg.pos_init == "normal":
+        return normal
+
+    def init(key, shape, dtype):
+        table = jnp.asarray(sincos_2d(cfg.grid, cfg.width), dtype)[None]
+        return jnp.concatenate([normal(key, (1, buffer, cfg.width), dtype), table], axis=1)
+
+    return init
+
+
+def _norm_kw(cfg, rngs):
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def _kw(cfg, rngs):
+    # MAR initialises every Linear with xavier_uniform (zero bias), as the JAX ViT does
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init="xavier_uniform", rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -75,10 +116,10 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: MARConfig, *, rngs: nnx.Rngs):
         W, H = cfg.width, cfg.num_heads
-        self.norm1 = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.norm1 = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
         self.qkv = Dense(W, (3, H, W // H), in_axes=("embed",), out_axes=(None, "heads", "head_dim"), **_kw(cfg, rngs))
         self.proj = Dense((H, W // H), W, in_axes=("heads", "head_dim"), out_axes=("embed",), **_kw(cfg, rngs))
-        self.norm2 = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.norm2 = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
         self.fc1 = Dense(W, cfg.mlp_ratio * W, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
         self.fc2 = Dense(cfg.mlp_ratio * W, W, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs))
 
@@ -102,16 +143,16 @@ class MAR(nnx.Module):
         init = jax.nn.initializers.normal(0.02)
         self.fake_latent = param(rngs, init, (1, W), (None, "embed"), cfg.param_dtype)
         self.z_proj = Dense(cfg.token_dim, W, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
-        self.z_proj_ln = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
-        self.encoder_pos_embed = param(rngs, init, (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
+        self.z_proj_ln = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
+        self.encoder_pos_embed = param(rngs, _pos_init(cfg, S), (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
         self.encoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.encoder_depth)])
-        self.encoder_norm = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
+        self.encoder_norm = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
         self.decoder_embed = Dense(W, W, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
         self.mask_token = param(rngs, init, (1, 1, W), (None, None, "embed"), cfg.param_dtype)
-        self.decoder_pos_embed = param(rngs, init, (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
+        self.decoder_pos_embed = param(rngs, _pos_init(cfg, S), (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
         self.decoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = LayerNorm(W, eps=1e-6, **_kw(cfg, rngs))
-        self.diffusion_pos_embed = param(rngs, init, (1, L, W), (None, None, "embed"), cfg.param_dtype)
+        self.decoder_norm = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
+        self.diffusion_pos_embed = param(rngs, _pos_init(cfg, 0), (1, L, W), (None, None, "embed"), cfg.param_dtype)
 
     def _pos(self, table, h: int, w: int, buffer: bool) -> jax.Array:
         """A position table for an ``h × w`` token grid (the buffer part is kept as learned)."""

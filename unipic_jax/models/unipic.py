@@ -60,6 +60,9 @@ class UniPicConfig(PresetConfig):
     understanding: str = "mar"  # image features for understanding: "mar" (as released) or "siglip2"
     image_token_id: int = 151665
     visual_grad_scale: float = 0.1  # gradient multiplier into image features fed to the LLM
+    # start the LLM -> MAR residual (proj_out's last layer) at zero, so a model trained from
+    # scratch begins as a plain MAR and lets the LLM's features in as they become useful
+    zero_init_proj_out: bool = False
 
     def __post_init__(self):
         if self.diffloss.z_channels != self.mar.width or self.diffloss.in_channels != self.mar.token_dim:
@@ -119,6 +122,8 @@ class UniPic(nnx.Module):
         self.llm = qwen2.Qwen2(cfg.llm, rngs=rngs)
         self.proj_in = MLPProjector(W, D, D, **kw)
         self.proj_out = MLPProjector(D, D, W, **kw)
+        if cfg.zero_init_proj_out:
+            self.proj_out.fc2.kernel[...] = jnp.zeros_like(self.proj_out.fc2.kernel[...])
         if cfg.vision is not None:
             self.siglip2 = siglip2.SiglipVision(cfg.vision, rngs=rngs)
             self.siglip2_proj = MLPProjector(cfg.vision.hidden_size, D, D, **kw)

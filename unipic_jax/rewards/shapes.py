@@ -163,25 +163,33 @@ def grade(dets: Sequence[Detection], metadata: dict, height: int, width: int) ->
 
 
 def score(image, metadata: dict) -> dict:
-    """Detects and grades one image."""
+    """Detects and grades one image (``"objects"``: how many objects were detected)."""
     x = to_rgb_uint8(image)
-    return grade(detect(x), metadata, x.shape[0], x.shape[1])
+    dets = detect(x)
+    return {**grade(dets, metadata, x.shape[0], x.shape[1]), "objects": len(dets)}
 
 
 def evaluate(images, metadatas: Sequence[dict]) -> dict:
     """GenEval-style summary: ``{"categories": {tag: accuracy}, "overall": mean over
-    categories, "reward": mean reward, "n": count}``."""
+    categories, "reward": mean reward, "n": count, "objects": mean objects detected per
+    image, "prompted_objects": mean objects the prompts ask for}``. GenEval's rules ask for
+    *at least* the prompted objects in most categories, so images strewn with fragments can
+    pass some checks by chance; ``objects`` against ``prompted_objects`` shows that."""
     if len(images) != len(metadatas):
         raise ValueError(f"{len(images)} images but {len(metadatas)} metadata entries")
     per: dict[str, list[bool]] = {}
-    rewards = []
+    rewards, objects = [], []
     for im, meta in zip(images, metadatas, strict=True):
         r = score(im, meta)
         per.setdefault(meta.get("tag", "unknown"), []).append(r["correct"])
         rewards.append(r["reward"])
+        objects.append(r["objects"])
     cats = {k: float(np.mean(v)) for k, v in sorted(per.items())}
+    prompted = [sum(req["count"] for req in m.get("include", [])) for m in metadatas]
     return {"categories": cats, "overall": float(np.mean(list(cats.values()))) if cats else 0.0,
-            "reward": float(np.mean(rewards)) if rewards else 0.0, "n": len(rewards)}
+            "reward": float(np.mean(rewards)) if rewards else 0.0, "n": len(rewards),
+            "objects": float(np.mean(objects)) if objects else 0.0,
+            "prompted_objects": float(np.mean(prompted)) if prompted else 0.0}
 
 
 def reward(prompts: Sequence[str], images, metadata: Sequence[dict]) -> np.ndarray:

@@ -196,6 +196,7 @@ def format_summary(summary: dict) -> str:
         s = summary["t2i"]
         lines.append("shapes benchmark (held-out prompts, GenEval rules): overall %.3f" % s["overall"])
         lines += [f"  {k:14s} {v:.3f}" for k, v in s["categories"].items()]
+        lines.append(f"  objects per image: {s['objects']:.2f} detected, {s['prompted_objects']:.2f} prompted")
     if "edit" in summary:
         lines.append("editing: overall %.3f  %s" % (summary["edit"]["overall"], {k: round(v, 3) for k, v in
                                                                                  summary["edit"]["categories"].items()}))
