@@ -67,12 +67,12 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def _kw(cfg, rngs, init="xavier_uniform"):
-    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init, rngs=rngs)
-
-
 def _norm_kw(cfg, rngs):
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def _kw(cfg, rngs, init="xavier_uniform"):
+    return dict(_norm_kw(cfg, rngs), kernel_init=init)
 
 
 class TimestepEmbedder(nnx.Module):

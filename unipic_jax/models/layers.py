@@ -138,13 +138,14 @@ class Dense(nnx.Module):
 class MLPProjector(nnx.Module):
     """``Linear → SiLU → Linear``: UniPic's projectors (``proj_in``, ``proj_out``,
     ``siglip2_proj``) between the vision encoders, MAR and the LLM. Kernels ``(out, in)``;
-    PyTorch keys ``{0,2}.{weight,bias}`` of an ``nn.Sequential``."""
+    PyTorch keys ``{0,2}.{weight,bias}`` of an ``nn.Sequential``. ``out_kernel_init``: the
+    second layer's ``Dense`` ``kernel_init``."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 out_kernel_init: Initializer | str | None = None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = Dense(in_dim, hidden, in_axes=("embed",), out_axes=("mlp",), **kw)
-        self.fc2 = Dense(hidden, out_dim, in_axes=("mlp",), out_axes=("embed",), **kw)
+        self.fc2 = Dense(hidden, out_dim, in_axes=("mlp",), out_axes=("embed",), kernel_init=out_kernel_init, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.silu(self.fc1(x)))

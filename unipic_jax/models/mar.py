@@ -108,7 +108,7 @@ def _norm_kw(cfg, rngs):
 
 def _kw(cfg, rngs):
     # MAR initialises every Linear with xavier_uniform (zero bias), as the JAX ViT does
-    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init="xavier_uniform", rngs=rngs)
+    return dict(_norm_kw(cfg, rngs), kernel_init="xavier_uniform")
 
 
 class Block(nnx.Module):

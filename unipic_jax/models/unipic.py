@@ -121,9 +121,7 @@ class UniPic(nnx.Module):
         self.diffloss = diffloss_lib.DiffLoss(cfg.diffloss, rngs=rngs)
         self.llm = qwen2.Qwen2(cfg.llm, rngs=rngs)
         self.proj_in = MLPProjector(W, D, D, **kw)
-        self.proj_out = MLPProjector(D, D, W, **kw)
-        if cfg.zero_init_proj_out:
-            self.proj_out.fc2.kernel[...] = jnp.zeros_like(self.proj_out.fc2.kernel[...])
+        self.proj_out = MLPProjector(D, D, W, out_kernel_init="zeros" if cfg.zero_init_proj_out else None, **kw)
         if cfg.vision is not None:
             self.siglip2 = siglip2.SiglipVision(cfg.vision, rngs=rngs)
             self.siglip2_proj = MLPProjector(cfg.vision.hidden_size, D, D, **kw)
