@@ -1,6 +1,6 @@
 """Input pipeline throughput on this machine: examples per second of host batches.
 
-    python benchmarks/data_throughput.py [--sizes 256,512] [--workers 0,2] [--steps 30]
+    python -m benchmarks.data_throughput [--sizes 256,512] [--workers 0,2] [--steps 30]
 
 The shapes world rendered at the bucket's resolution (square and 4:3 / 3:4 canvases, three
 aspect buckets), a text-to-image batch of 16 per step, the Qwen tokenizer (from the

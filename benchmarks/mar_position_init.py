@@ -1,6 +1,6 @@
 """Does a small MAR learn to use the visible tokens' positions? A control task for ``mar.pos_init``.
 
-    python benchmarks/mar_position_init.py [--steps 600] [--inits normal,sincos]
+    python -m benchmarks.mar_position_init [--steps 600] [--inits normal,sincos]
 
 Every image is an 8 × 8 grid of 4-channel tokens, constant over each 4 × 4 block (one random
 vector per block), so a masked token is known exactly from any visible token of its block and

@@ -1,6 +1,6 @@
 """Prefill time and greedy decode speed: unipic-jax Qwen2 vs transformers, same CPU.
 
-    python benchmarks/qwen2_vs_torch.py [--threads 2] [--prompt 128] [--new 128] [--batch 1]
+    python -m benchmarks.qwen2_vs_torch [--threads 2] [--prompt 128] [--new 128] [--batch 1]
 
 Both models hold the same random weights (a transformers Qwen2ForCausalLM saved to a
 temporary folder and read with ``convert.from_hf``), compute in float32 and use the

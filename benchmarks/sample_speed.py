@@ -1,7 +1,7 @@
 """Text-to-image sampling speed on this machine: seconds per image by preset, resolution and
 ``num_iter``, with compile time reported separately.
 
-    python benchmarks/sample_speed.py [--presets tiny,mid] [--iters 8,32] [--batch 1] [--repeats 2]
+    python -m benchmarks.sample_speed [--presets tiny,mid] [--iters 8,32] [--batch 1] [--repeats 2]
 
 Random weights (speed does not depend on them); CFG 3.0 (the batch doubles to [cond; uncond]),
 100 diffusion steps per token, float32. ``first`` is the first call of a shape (tracing and

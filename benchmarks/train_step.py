@@ -1,8 +1,8 @@
 """Training-step speed of the demo model on this CPU, and the compiled per-device memory of a
 full-size step.
 
-    python benchmarks/train_step.py speed  [--devices 1,8] [--steps 20]
-    python benchmarks/train_step.py memory [--devices 8] [--size 256] [--batch 8]
+    python -m benchmarks.train_step speed  [--devices 1,8] [--steps 20]
+    python -m benchmarks.train_step memory [--devices 8] [--size 256] [--batch 8]
 
 ``speed``: the demo's generation stage (configs/demo.py, 32² bucket, batch 16) on 1 and on 8
 simulated CPU devices (each count in its own process; 8 devices share the same 2 cores, so

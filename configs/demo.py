@@ -48,9 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages = ml_collections.ConfigDict()
     c.stages.vae = stage("vae", 600, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6, recon="l2",
                          calibrate_scale=True)
-    c.stages.gen32 = stage("unipic", 3000, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
+    c.stages.gen32 = stage("unipic", 3600, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
-    c.stages.gen48 = stage("unipic", 300, 5e-4, LARGE, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
+    c.stages.gen48 = stage("unipic", 400, 5e-4, LARGE, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
     c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True,
                                              sample_every=1000, sample_prompts=()))

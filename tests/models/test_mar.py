@@ -54,6 +54,23 @@ def test_masked_tokens_are_invisible_to_the_encoder(model):
     np.testing.assert_allclose(model.encode(other, mask), out, atol=1e-6)
 
 
+@pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
+def test_encode_on_the_kept_tokens_only(model, h, w):
+    L = h * w
+    tokens = jnp.asarray(np.random.RandomState(1).randn(2, L, 4), jnp.float32)
+    mask = M.mask_by_order(M.random_orders(jax.random.key(2), 2, L), L - 4)
+    full = model.encode(tokens, mask, image_shape=(h, w))
+    keep = M.visible_first(mask, 6)  # the 4 visible tokens and 2 masked fillers
+    out = model.encode(tokens, mask, image_shape=(h, w), keep=keep)
+    assert out.shape == (2, 4 + 6, 32)
+    np.testing.assert_allclose(out[:, :4], full[:, :4], atol=1e-5)  # the buffer
+    np.testing.assert_allclose(out[:, 4:], np.take_along_axis(np.asarray(full[:, 4:]), np.asarray(keep)[..., None], 1),
+                               atol=1e-5)
+    assert np.all(np.asarray(out[:, -2:]) == 0)  # the fillers stay masked
+    with pytest.raises(ValueError, match="keep must be"):
+        model.encode(tokens, None, image_shape=(h, w), keep=keep)
+
+
 def test_decoder_fills_masked_slots_and_uses_x_con_for_editing(model):
     rs = np.random.RandomState(1)
     tokens = jnp.asarray(rs.randn(1, 12, 4), jnp.float32)

@@ -100,6 +100,40 @@ def test_prompt_cache_gives_the_same_condition(model):
         model.condition(latents=jnp.zeros((2, 8, 8, 4)), mask=jnp.zeros((2, 64)), cache=cache)
 
 
+def test_training_runs_only_the_visible_tokens_with_the_same_result(model):
+    ids, tmask, lat = batch(6)
+    K = M.max_visible(16, CFG.mar.mask_ratio_min)
+    assert K < 16
+    mask = M.mask_by_order(M.random_orders(jax.random.key(2), 2, 16), 16 - K + 1)  # one filler slot
+    keep = M.visible_first(mask, K)
+    assert (np.asarray(mask)[np.arange(2)[:, None], np.asarray(keep)][:, :-1] == 0).all()
+    assert (np.diff(np.asarray(keep)[:, :-1], axis=1) > 0).all()  # raster order
+    full = model.condition(ids, tmask, lat, mask)
+    np.testing.assert_allclose(model.condition(ids, tmask, lat, mask, keep=keep), full, atol=1e-5)
+    # and the gradients: the loss uses keep; by hand without it, the same mask and noise
+    key = jax.random.key(4)
+
+    def by_hand(m):
+        k_mask, k_loss = jax.random.split(key)
+        mk = M.training_mask(k_mask, 2, 16, CFG.mar.mask_ratio_min)
+        z = m.condition(ids, tmask, lat, mk)
+        return m.diffloss.loss(lat.reshape(32, 4), z.reshape(32, -1), mk.reshape(32), k_loss)
+
+    g_loss = nnx.grad(lambda m: m.t2i_loss(ids, tmask, lat, key))(model)
+    g_hand = nnx.grad(by_hand)(model)
+    for a, b in zip(jax.tree.leaves(g_loss), jax.tree.leaves(g_hand)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="cached sampling path"):
+        model.condition(latents=lat, mask=mask, cache=model.prefill(model.embed_prompt(ids), tmask, (4, 4)), keep=keep)
+
+
+@pytest.mark.parametrize("length,ratio", [(16, 0.7), (64, 0.7), (144, 0.7), (100, 0.7), (256, 0.5)])
+def test_max_visible_bounds_every_training_mask(length, ratio):
+    masks = jax.vmap(lambda k: M.training_mask(k, 1, length, ratio))(jax.random.split(jax.random.key(0), 2000))
+    most = int((1 - np.asarray(masks)).sum(-1).max())
+    assert most <= M.max_visible(length, ratio) <= most + 1
+
+
 def edit_batch(seed=5):
     rs = np.random.RandomState(seed)
     S = CFG.mar.buffer_size

@@ -20,6 +20,9 @@ token grid only the image part is resized, bilinearly at half-pixel centres with
 antialiasing (as ``F.interpolate(mode="bilinear")``). Masked tokens are excluded from the
 encoder's attention by a key mask instead of being dropped, so shapes stay static under
 ``jit``; the visible tokens' outputs are the same, and masked slots are returned as zeros.
+Training drops them as MAR does, with a static count: ``encode(..., keep=idx)`` runs only the
+``K`` tokens ``idx (B, K)`` from :func:`visible_first` (the visible ones in raster order, then
+masked fillers, which stay masked), ``K = max_visible(L, mask_ratio_min)``.
 
 Parameters keep the release's names (``mar.*``, see :data:`TORCH_RULES`); the unused
 ``class_emb`` of the release is not created (the converter reports it as ignored).
@@ -173,21 +176,31 @@ class MAR(nnx.Module):
             raise ValueError(f"mask has shape {mask.shape}, expected {(B, L)}")
         return h, w
 
-    def encode(self, tokens, mask=None, image_shape=None, buffer=None) -> jax.Array:
+    def encode(self, tokens, mask=None, image_shape=None, buffer=None, keep=None) -> jax.Array:
         """Encoder output ``(B, buffer_size + L, W)``; masked slots are zero.
 
-        ``buffer (B, buffer_size or 1, W)`` replaces ``fake_latent`` in the buffer slots."""
+        ``buffer (B, buffer_size or 1, W)`` replaces ``fake_latent`` in the buffer slots.
+        ``keep (B, K)`` (needs ``mask``): only those image tokens are run, in that order, and
+        the output is ``(B, buffer_size + K, W)``; slot ``S + j`` is token ``keep[:, j]``."""
         cfg = self.config
         h, w = self._check(tokens, mask, image_shape)
         B, L, _ = tokens.shape
+        pos = self._pos(self.encoder_pos_embed, h, w, True)
+        visible = ~mask.astype(bool) if mask is not None else jnp.ones((B, L), bool)
+        if keep is not None:
+            if mask is None or keep.ndim != 2 or keep.shape[0] != B:
+                raise ValueError(f"keep must be (B={B}, K) token indices and comes with a mask, got "
+                                 f"{getattr(keep, 'shape', keep)}")
+            tokens = jnp.take_along_axis(tokens, keep[..., None], axis=1)
+            visible = jnp.take_along_axis(visible, keep, axis=1)
+            pos = jnp.concatenate([jnp.broadcast_to(pos[None, :cfg.buffer_size], (B,) + pos[:cfg.buffer_size].shape),
+                                   pos[cfg.buffer_size:][keep]], axis=1)
         x = self.z_proj(tokens.astype(cfg.dtype))
         if buffer is None:
             buffer = self.fake_latent[...][None]
         x = jnp.concatenate([jnp.broadcast_to(buffer.astype(cfg.dtype), (B, cfg.buffer_size, x.shape[-1])), x], 1)
-        x = self.z_proj_ln(x + self._pos(self.encoder_pos_embed, h, w, True))
-        visible = jnp.ones((B, cfg.buffer_size + L), bool)
-        if mask is not None:
-            visible = visible.at[:, cfg.buffer_size:].set(~mask.astype(bool))
+        x = self.z_proj_ln(x + pos)
+        visible = jnp.concatenate([jnp.ones((B, cfg.buffer_size), bool), visible], axis=1)
         x = _run(self.encoder_blocks, x, visible[:, None, None, :], cfg.remat)
         return jnp.where(visible[..., None], self.encoder_norm(x), 0)
 
@@ -226,6 +239,19 @@ def mask_by_order(orders: jax.Array, num_masked) -> jax.Array:
     """``(B, L)`` float mask with 1 at the first ``num_masked`` positions of each row's order."""
     ranks = jnp.argsort(orders, axis=-1)
     return (ranks < num_masked).astype(jnp.float32)
+
+
+def max_visible(length: int, mask_ratio_min: float) -> int:
+    """The most visible tokens a :func:`training_mask` leaves: at least
+    ``ceil(length · mask_ratio_min)`` are masked."""
+    return length - max(0, math.floor(length * mask_ratio_min))
+
+
+def visible_first(mask: jax.Array, k: int) -> jax.Array:
+    """``(B, k)`` int32 token indices: the visible tokens (``mask == 0``) in raster order, then
+    masked ones to fill the row. Visible tokens past ``k`` would be dropped, so ``k`` must be
+    at least the most any row has (see :func:`max_visible`)."""
+    return jnp.argsort(mask.astype(bool).astype(jnp.int32), axis=1, stable=True)[:, :k].astype(jnp.int32)
 
 
 def training_mask(key, batch: int, length: int, mask_ratio_min: float = 0.7) -> jax.Array:

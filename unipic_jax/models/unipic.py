@@ -10,7 +10,8 @@ order (``L = h·w``); ``mask (B, L)`` is 1 where a token is masked (to be genera
 ``condition(input_ids, attention_mask, latents, mask, x_con)`` → ``z (B, L, W)``, the
 diffusion head's per-token condition: the LLM runs on ``[prompt | image tokens | buffer]``
 with ``position_ids = cumsum(mask) − 1``; masked image slots are masked out of its attention
-(equivalent to MAR dropping them, with static shapes); its last hidden states at the image
+(equivalent to MAR dropping them, with static shapes; training passes ``keep``, the visible
+slots, so the encoder and the LLM run on those alone); its last hidden states at the image
 and buffer slots, buffer moved back first, go through ``proj_out`` and are ADDED to ``x_enc``;
 the MAR decoder then gives ``z`` (for editing, ``x_con``, the source image's unmasked encoder
 output, fills the masked slots instead of ``mask_token``). Text reaches MAR only this way.
@@ -135,10 +136,11 @@ class UniPic(nnx.Module):
 
     # -- the stages ------------------------------------------------------------------------
 
-    def encode_image(self, latents, mask=None):
-        """``(x_enc (B, S+L, W), z_enc (B, L+S, D))``, see the module docstring."""
+    def encode_image(self, latents, mask=None, keep=None):
+        """``(x_enc (B, S+L, W), z_enc (B, L+S, D))``, see the module docstring; with ``keep
+        (B, K)`` only those tokens (``S+K`` and ``K+S`` slots, see ``MAR.encode``)."""
         tokens, shape = self._tokens(latents)
-        x_enc = self.mar.encode(tokens, mask, image_shape=shape)
+        x_enc = self.mar.encode(tokens, mask, image_shape=shape, keep=keep)
         S = self.config.mar.buffer_size
         z_enc = self.proj_in(x_enc)
         return x_enc, jnp.concatenate([z_enc[:, S:], z_enc[:, :S]], axis=1)
@@ -169,16 +171,25 @@ class UniPic(nnx.Module):
         return PromptCache(kv, jnp.sum(attention_mask, axis=1).astype(jnp.int32))
 
     def condition(self, input_ids=None, attention_mask=None, latents=None, mask=None, x_con=None, *,
-                  inputs_embeds=None, cache: PromptCache | None = None):
+                  inputs_embeds=None, cache: PromptCache | None = None, keep=None):
         """Per-token diffusion conditions ``z (B, L, W)`` for a prompt (``input_ids`` or
         ``inputs_embeds`` with ``attention_mask``, or a ``cache`` from ``prefill``) and
-        partly masked latents."""
+        partly masked latents.
+
+        ``keep (B, K)``, from ``mar.visible_first(mask, K)`` with every visible token among
+        them: the encoder and the LLM run on those ``K`` image slots only, not all ``L`` (the
+        same result; training uses it, as MAR drops the masked tokens)."""
         S = self.config.mar.buffer_size
         if mask is None:
             raise ValueError("condition needs mask (B, L): 1 where a token is to be generated")
-        x_enc, z_enc = self.encode_image(latents, mask)
+        if keep is not None and cache is not None:
+            raise ValueError("keep is for a full forward pass; the cached sampling path runs every slot")
+        x_enc, z_enc = self.encode_image(latents, mask, keep)
         B, L = mask.shape
-        image_mask = jnp.concatenate([~mask.astype(bool), jnp.ones((B, S), bool)], axis=1)
+        visible = ~mask.astype(bool)
+        if keep is not None:
+            visible = jnp.take_along_axis(visible, keep, axis=1)
+        image_mask = jnp.concatenate([visible, jnp.ones((B, S), bool)], axis=1)
         if cache is not None:
             T = cache.kv.valid.shape[1] - (L + S)
             if T < 0:
@@ -193,9 +204,14 @@ class UniPic(nnx.Module):
             hidden, _ = self.llm.hidden_states(
                 inputs_embeds=jnp.concatenate([inputs_embeds, z_enc.astype(inputs_embeds.dtype)], 1),
                 attention_mask=full_mask)
-        z_llm = hidden[:, -(L + S):]
-        z_llm = jnp.concatenate([z_llm[:, L:], z_llm[:, :L]], axis=1)  # buffer back to the front
+        K = image_mask.shape[1] - S
+        z_llm = hidden[:, -(K + S):]
+        z_llm = jnp.concatenate([z_llm[:, K:], z_llm[:, :K]], axis=1)  # buffer back to the front
         x_enc = x_enc + self.proj_out(z_llm).astype(x_enc.dtype)
+        if keep is not None:  # back to all L slots; the others are masked, and decode refills them
+            image = jnp.zeros((B, L, x_enc.shape[-1]), x_enc.dtype)
+            image = image.at[jnp.arange(B)[:, None], keep].set(x_enc[:, S:])
+            x_enc = jnp.concatenate([x_enc[:, :S], image], axis=1)
         return self.mar.decode(x_enc, mask, image_shape=latents.shape[1:3], x_con=x_con)
 
     def siglip_embeddings(self, pixel_values, pixel_attention_mask=None, spatial_shapes=None):
@@ -233,7 +249,9 @@ class UniPic(nnx.Module):
         B, L, C = tokens.shape
         k_mask, k_loss = jax.random.split(key)
         mask = mar_lib.training_mask(k_mask, B, L, self.config.mar.mask_ratio_min)
-        z = self.condition(latents=latents, mask=mask, x_con=x_con, **prompt)
+        K = mar_lib.max_visible(L, self.config.mar.mask_ratio_min)
+        keep = mar_lib.visible_first(mask, K) if K < L else None
+        z = self.condition(latents=latents, mask=mask, x_con=x_con, keep=keep, **prompt)
         return self.diffloss.loss(tokens.reshape(B * L, C), z.reshape(B * L, -1), mask.reshape(B * L), k_loss)
 
     def t2i_loss(self, input_ids, attention_mask, latents, key):
