@@ -110,19 +110,13 @@ def test_training_runs_only_the_visible_tokens_with_the_same_result(model):
     assert (np.diff(np.asarray(keep)[:, :-1], axis=1) > 0).all()  # raster order
     full = model.condition(ids, tmask, lat, mask)
     np.testing.assert_allclose(model.condition(ids, tmask, lat, mask, keep=keep), full, atol=1e-5)
-    # and the gradients: the loss uses keep; by hand without it, the same mask and noise
+    # the loss passes keep; by hand without it, with the same mask and noise
     key = jax.random.key(4)
-
-    def by_hand(m):
-        k_mask, k_loss = jax.random.split(key)
-        mk = M.training_mask(k_mask, 2, 16, CFG.mar.mask_ratio_min)
-        z = m.condition(ids, tmask, lat, mk)
-        return m.diffloss.loss(lat.reshape(32, 4), z.reshape(32, -1), mk.reshape(32), k_loss)
-
-    g_loss = nnx.grad(lambda m: m.t2i_loss(ids, tmask, lat, key))(model)
-    g_hand = nnx.grad(by_hand)(model)
-    for a, b in zip(jax.tree.leaves(g_loss), jax.tree.leaves(g_hand)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    k_mask, k_loss = jax.random.split(key)
+    mk = M.training_mask(k_mask, 2, 16, CFG.mar.mask_ratio_min)
+    z = model.condition(ids, tmask, lat, mk)
+    want = model.diffloss.loss(lat.reshape(32, 4), z.reshape(32, -1), mk.reshape(32), k_loss)
+    np.testing.assert_allclose(model.t2i_loss(ids, tmask, lat, key), want, rtol=1e-5)
     with pytest.raises(ValueError, match="cached sampling path"):
         model.condition(latents=lat, mask=mask, cache=model.prefill(model.embed_prompt(ids), tmask, (4, 4)), keep=keep)
 
