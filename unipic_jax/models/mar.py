@@ -193,8 +193,8 @@ class MAR(nnx.Module):
                                  f"{getattr(keep, 'shape', keep)}")
             tokens = jnp.take_along_axis(tokens, keep[..., None], axis=1)
             visible = jnp.take_along_axis(visible, keep, axis=1)
-            pos = jnp.concatenate([jnp.broadcast_to(pos[None, :cfg.buffer_size], (B,) + pos[:cfg.buffer_size].shape),
-                                   pos[cfg.buffer_size:][keep]], axis=1)
+            S = cfg.buffer_size
+            pos = jnp.concatenate([jnp.broadcast_to(pos[:S], (B, S, pos.shape[-1])), pos[S:][keep]], axis=1)
         x = self.z_proj(tokens.astype(cfg.dtype))
         if buffer is None:
             buffer = self.fake_latent[...][None]
@@ -244,7 +244,7 @@ def mask_by_order(orders: jax.Array, num_masked) -> jax.Array:
 def max_visible(length: int, mask_ratio_min: float) -> int:
     """The most visible tokens a :func:`training_mask` leaves: at least
     ``ceil(length · mask_ratio_min)`` are masked."""
-    return length - max(0, math.floor(length * mask_ratio_min))
+    return length - math.floor(length * mask_ratio_min)
 
 
 def visible_first(mask: jax.Array, k: int) -> jax.Array:
