@@ -1,9 +1,10 @@
 """The shapes scorer: ground truth scores >= 0.99, it degrades with blur / downscaling, it
-rejects wrong images, and gives partial credit as a reward."""
+rejects wrong images and shapes that are none of the world's, and gives partial credit as a
+reward."""
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from unipic_jax.data import shapes as W
 from unipic_jax.rewards import shapes as R
@@ -68,3 +69,31 @@ def test_wrong_images_fail_and_rewards_give_partial_credit(examples):
     assert r.dtype == np.float32 and r[0] == 1.0 and r[1] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         R.evaluate([two["image"]], [])
+
+
+def test_shapes_outside_the_world_are_unrecognised():
+    """An object of a palette colour that no world shape fits (IoU < MIN_IOU) is detected, with
+    its colour, but as no shape, so it cannot pass for the prompted one."""
+    red = W.COLORS["red"]
+
+    def canvas(draw):
+        img = Image.new("RGB", (48, 48), W.BACKGROUND)
+        draw(ImageDraw.Draw(img))
+        return np.asarray(img)
+
+    radii = [14 if k % 2 == 0 else 6 for k in range(10)]
+    star = [(24 + r * np.cos(k * np.pi / 5), 24 + r * np.sin(k * np.pi / 5)) for k, r in enumerate(radii)]
+    odd = {
+        "L": canvas(lambda d: d.polygon([(12, 12), (20, 12), (20, 28), (36, 28), (36, 36), (12, 36)], fill=red)),
+        "crescent": canvas(lambda d: (d.ellipse([12, 12, 36, 36], fill=red),
+                                      d.ellipse([20, 8, 44, 32], fill=W.BACKGROUND))),
+        "star": canvas(lambda d: d.polygon(star, fill=red)),
+    }
+    meta = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "exclude": []}
+    for name, image in odd.items():
+        (det,) = R.detect(image)
+        assert (det.shape, det.color) == (R.UNRECOGNISED, "red") and det.iou < R.MIN_IOU, (name, det)
+        assert not R.score(image, meta)["correct"], name
+    circle = canvas(lambda d: d.ellipse([12, 12, 36, 36], fill=red))
+    (det,) = R.detect(circle)
+    assert det.shape == "circle" and det.iou > 0.9 and R.score(circle, meta)["correct"], det
