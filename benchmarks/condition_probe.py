@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unipic_jax import checkpoint, sample
+from unipic_jax import checkpoint
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import shapes as world
 from unipic_jax.models import mar as mar_lib
@@ -42,7 +42,7 @@ def features(model, tokenizer, examples, visible: float, with_prompt: bool, batc
     for start in range(0, len(examples), batch):
         chunk = examples[start:start + batch]
         prompts = [tok_lib.generation_prompt(e["prompt"] if with_prompt else None) for e in chunk]
-        ids, am = sample._tokenize(model, tokenizer, prompts)
+        ids, am = tok_lib.encode(tokenizer, prompts)
         pix = np.stack([e["image"] for e in chunk])
         lat = model.vae.encode(jnp.asarray(pix.astype(np.float32) / 127.5 - 1))
         B, h, w, _ = lat.shape
