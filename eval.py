@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint runs/demo/model [--tokenizer runs/demo/tokenizer] [--out runs/demo/eval]
                    [--size 48] [--per_category 8] [--edit_per_kind 4] [--qa 24] [--num_iter 16] [--cfg 2]
+                   [--cfg_schedule linear] [--temperature 1.0]
 
 Scores text-to-image per GenEval category (the shapes scorer on held-out prompts), editing
 triplets (the scorer applied to the target's description) and understanding questions (exact
@@ -26,6 +27,8 @@ _EDIT = flags.DEFINE_integer("edit_per_kind", 4, "Editing triplets per edit kind
 _QA = flags.DEFINE_integer("qa", 24, "Understanding questions (0: skip).")
 _NUM_ITER = flags.DEFINE_integer("num_iter", 16, "MAR sampling iterations.")
 _CFG = flags.DEFINE_float("cfg", 2.0, "Classifier-free guidance scale.")
+_CFG_SCHEDULE = flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "linear"],
+                                  "Guidance over the sampling steps: constant, or linear from 1 (MAR's).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
@@ -49,8 +52,8 @@ def main(argv):
     out = Path(_OUT.value or ckpt.parent / "eval")
     out.mkdir(parents=True, exist_ok=True)
     size = (_SIZE.value, _SIZE.value)
-    kw = dict(num_iter=_NUM_ITER.value, cfg=_CFG.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
-              split=_SPLIT.value)
+    kw = dict(num_iter=_NUM_ITER.value, cfg=_CFG.value, cfg_schedule=_CFG_SCHEDULE.value,
+              temperature=_TEMPERATURE.value, seed=_SEED.value, split=_SPLIT.value)
     results = {"checkpoint": str(ckpt), "split": _SPLIT.value, "size": size, **{k: v for k, v in kw.items()}}
     t2i = shapes_eval.t2i(model, tok, size=size, per_category=_PER_CATEGORY.value, **kw)
     results["t2i"] = t2i["scores"]

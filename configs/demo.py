@@ -54,6 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
                                                                               "proj_out"), ema=0.99)
     c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True,
                                              sample_every=1000, sample_prompts=()))
-    c.eval = ml_collections.ConfigDict(dict(per_category=8, size=(48, 48), num_iter=16, cfg=3.0, temperature=1.0,
-                                            edit_per_kind=0, qa=0))
+    c.eval = ml_collections.ConfigDict(dict(per_category=8, size=(48, 48), num_iter=16, cfg=3.0,
+                                            cfg_schedule="constant", temperature=1.0, edit_per_kind=0, qa=0))
     return c

@@ -75,6 +75,6 @@ def get_config(stage: str = "ct") -> ml_collections.ConfigDict:
         loss_weights=s["weights"], caption_dropout=0.1))
     c.train = ml_collections.ConfigDict(dict(log_every=50, checkpoint_every=1000, keep=3, progress=True,
                                              sample_every=1000, sample_prompts=()))
-    c.eval = ml_collections.ConfigDict(dict(per_category=0, size=(512, 512), num_iter=32, cfg=3.0, temperature=1.0,
-                                            edit_per_kind=0, qa=0))
+    c.eval = ml_collections.ConfigDict(dict(per_category=0, size=(512, 512), num_iter=32, cfg=3.0,
+                                            cfg_schedule="constant", temperature=1.0, edit_per_kind=0, qa=0))
     return c

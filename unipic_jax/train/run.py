@@ -176,7 +176,8 @@ def evaluate(model, tok, ecfg, workdir: Path) -> dict:
     from unipic_jax import sample
     from unipic_jax.eval import shapes as shapes_eval
 
-    kw = dict(num_iter=int(ecfg.num_iter), cfg=float(ecfg.cfg), temperature=float(ecfg.temperature))
+    kw = dict(num_iter=int(ecfg.num_iter), cfg=float(ecfg.cfg), cfg_schedule=str(ecfg.get("cfg_schedule", "constant")),
+              temperature=float(ecfg.temperature))
     res = shapes_eval.t2i(model, tok, size=tuple(ecfg.size), per_category=int(ecfg.per_category), **kw)
     path = workdir / "samples.png"
     sample.save_png(shapes_eval.grid(res["images"], cols=int(ecfg.per_category))[None], [path])
