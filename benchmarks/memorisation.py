@@ -43,8 +43,6 @@ def main():
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--workdir", help="run folder (default: a new temporary folder); an existing run resumes")
     args = ap.parse_args()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        raise SystemExit(f"memorisation: {args.checkpoint} is not a model checkpoint (no config.json)")
 
     from unipic_jax import checkpoint, sample
     from unipic_jax import tokenizer as tok_lib
@@ -52,6 +50,10 @@ def main():
     from unipic_jax.rewards import shapes as scorer
     from unipic_jax.train import run
 
+    try:
+        checkpoint.read_config(args.checkpoint)  # fail before training on a folder that is not a checkpoint
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"memorisation: {e}") from None
     cfg = demo_config()
     cfg.data.length, cfg.data.sizes = args.n, ((32, 32),)
     cfg.stage_order = ("gen32",)
