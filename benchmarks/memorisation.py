@@ -19,7 +19,6 @@ reconstructs (about 0.8 at 32²). About 4 minutes on two cores.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -27,13 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def demo_config():
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def main():
@@ -54,7 +46,7 @@ def main():
         checkpoint.read_config(args.checkpoint)  # fail before training on a folder that is not a checkpoint
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"memorisation: {e}") from None
-    cfg = demo_config()
+    cfg = run.load_config(ROOT / "configs" / "demo.py")
     cfg.data.length, cfg.data.sizes = args.n, ((32, 32),)
     cfg.stage_order = ("gen32",)
     cfg.stages.gen32.steps = args.steps

@@ -26,8 +26,6 @@ import time
 
 
 def speed_child(steps: int):
-    import importlib.util
-
     import jax
     from flax import nnx
 
@@ -38,10 +36,7 @@ def speed_child(steps: int):
     from unipic_jax.train import optim, run
     from unipic_jax.train.trainer import Stage, init_state, make_train_step
 
-    spec = importlib.util.spec_from_file_location("demo", "configs/demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = run.load_config("configs/demo.py")
     tok = shapes_tokenizer.build()
     mc = run.model_config(cfg, tok)
     n = jax.device_count()
@@ -76,15 +71,10 @@ def speed_child(steps: int):
 
 
 def memory_child(size: int, batch: int):
-    import importlib.util
-
     from unipic_jax import sharding
-    from unipic_jax.train import aot
+    from unipic_jax.train import aot, run
 
-    spec = importlib.util.spec_from_file_location("full", "configs/unipic_1p5b.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("ct")
+    c = run.load_config("configs/unipic_1p5b.py", "ct")
     st = c.stages.ct
     st.buckets, st.understanding_size = ((size, size),), (size, size)
     st.batch_size.t2i = st.batch_size.edit = st.batch_size.understanding = batch

@@ -1,21 +1,17 @@
 """The full-size configs: every stage builds, and a 1.5B (2.56B with MAR, head and VAE) train
 step lowers ahead of time on the 8 simulated devices with FSDP, without any full-size array."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from unipic_jax import sharding
-from unipic_jax.train import aot
+from unipic_jax.train import aot, run
 from unipic_jax.train.trainer import Stage
 
 
 def full_config(stage):
-    spec = importlib.util.spec_from_file_location("full", Path(__file__).parents[2] / "configs" / "unipic_1p5b.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(stage)
+    return run.load_config(Path(__file__).parents[2] / "configs" / "unipic_1p5b.py", stage)
 
 
 @pytest.mark.parametrize("stage", ["pt", "align", "ct", "sft"])

@@ -1,18 +1,15 @@
 """The main job end to end at toy length: configs/demo.py through train.run, resumed, evaluated."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from unipic_jax.train import run
 
 
 def demo_config():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[2] / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = run.load_config(Path(__file__).parents[2] / "configs" / "demo.py")
     c.stages.vae.steps, c.stages.gen32.steps, c.stages.gen48.steps = 2, 2, 2
     for s in c.stage_order:
         c.stages[s].batch_size.t2i = 2
@@ -22,6 +19,13 @@ def demo_config():
     c.model.overrides.diffloss.sampling_steps = "10"  # toy length: sampling cost, not quality
     c.data.length = 64
     return c
+
+
+def test_load_config_reads_a_config_file_and_names_a_missing_one(tmp_path):
+    full = run.load_config(Path(__file__).parents[2] / "configs" / "unipic_1p5b.py", "sft")
+    assert tuple(full.stage_order) == ("sft",)
+    with pytest.raises(FileNotFoundError, match="No config file .*nope.py"):
+        run.load_config(tmp_path / "nope.py")
 
 
 def test_demo_config_trains_resumes_and_reports(tmp_path):

@@ -38,6 +38,21 @@ from unipic_jax.train.trainer import Stage, Trainer, set_vae_scale, write_json
 log = logging.getLogger(__name__)
 
 
+def load_config(path, arg: str | None = None):
+    """``get_config()`` (or ``get_config(arg)``) of a config file, as ``train.py --config
+    path[:arg]`` reads it; for tests, benchmarks and notebooks that start from a config."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No config file {path}; configs are Python files with get_config(), "
+                                "e.g. configs/demo.py")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config() if arg is None else mod.get_config(arg)
+
+
 def build_tokenizer(cfg, workdir: Path):
     if cfg.tokenizer == "shapes":
         from unipic_jax.data import shapes_tokenizer
