@@ -54,7 +54,7 @@ def main(argv):
     size = (_SIZE.value, _SIZE.value)
     kw = dict(num_iter=_NUM_ITER.value, cfg=_CFG.value, cfg_schedule=_CFG_SCHEDULE.value,
               temperature=_TEMPERATURE.value, seed=_SEED.value, split=_SPLIT.value)
-    results = {"checkpoint": str(ckpt), "split": _SPLIT.value, "size": size, **{k: v for k, v in kw.items()}}
+    results = {"checkpoint": str(ckpt), "split": _SPLIT.value, "size": size, **kw}
     t2i = shapes_eval.t2i(model, tok, size=size, per_category=_PER_CATEGORY.value, **kw)
     results["t2i"] = t2i["scores"]
     sample.save_png(shapes_eval.grid(t2i["images"], cols=_PER_CATEGORY.value)[None], [out / "t2i.png"])
