@@ -2,7 +2,7 @@
 full-size step.
 
     python -m benchmarks.train_step speed  [--devices 1,8] [--steps 20]
-    python -m benchmarks.train_step memory [--devices 8] [--size 256] [--batch 8]
+    python -m benchmarks.train_step memory [--devices 8,64] [--size 256] [--batch N]
 
 ``speed``: the demo's generation stage (configs/demo.py, 32² bucket, batch 16) on 1 and on 8
 simulated CPU devices (each count in its own process; 8 devices share the same 2 cores, so
@@ -10,8 +10,9 @@ this measures sharding overhead, not a speed-up); median step time after compila
 examples/s. ``memory``: the CT stage of configs/unipic_1p5b.py lowered and compiled ahead of
 time with FSDP over N simulated devices; prints XLA's memory analysis per device. XLA:CPU
 does not schedule for memory as the TPU/GPU compilers do, so its temporaries overstate what
-an accelerator needs; compile time grows with the device count (about 13 minutes for 8 on
-two cores).
+an accelerator needs. ``--batch`` is the examples per task (default: one per device, so each
+device holds the same share at every count). The compile takes 12-30 minutes on two cores
+and hardly depends on the device count.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def memory_child(size: int, batch: int):
     c = run.load_config("configs/unipic_1p5b.py", "ct")
     st = c.stages.ct
     st.buckets, st.understanding_size = ((size, size),), (size, size)
+    import jax
+
+    batch = batch or jax.device_count()
     st.batch_size.t2i = st.batch_size.edit = st.batch_size.understanding = batch
     st.max_text_len.edit = st.max_text_len.understanding = (size // 16) ** 2 + 64 + 32
-    import jax
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1})
     t = time.perf_counter()
@@ -88,7 +91,7 @@ def memory_child(size: int, batch: int):
     compiled = lowered.compile()
     m = compiled.memory_analysis()
     gib = 2**30
-    print(json.dumps({"devices": jax.device_count(), "params": info["params"], "lower_s": t_lower,
+    print(json.dumps({"devices": jax.device_count(), "batch": batch, "params": info["params"], "lower_s": t_lower,
                       "compile_s": time.perf_counter() - t - t_lower,
                       "argument_gib": m.argument_size_in_bytes / gib, "output_gib": m.output_size_in_bytes / gib,
                       "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib}))
@@ -100,7 +103,7 @@ def main():
     p.add_argument("--devices", default=None, help="device counts (speed: 1,8; memory: 8)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=0, help="examples per task (memory; default one per device)")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
