@@ -110,30 +110,3 @@ def test_init_follows_mar():
     assert np.abs(k).max() <= np.sqrt(6.0 / (4 + 32))
     x, t, z = jnp.ones((3, 4)), jnp.array([1, 50, 900]), jnp.ones((3, 12))
     np.testing.assert_array_equal(net(x, t, z), np.zeros((3, 8)))
-
-
-def test_training_keeps_the_token_batch_sharded():
-    """Under FSDP each device keeps its share of the N·batch_mul repeated tokens: no all-gather
-    of them (once one gathered the diffusion head's whole batch onto every device, 1.1 GiB per
-    block at 256² × 64 examples)."""
-    import re
-
-    from unipic_jax import sharding
-
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-    model = sharding.create_sharded(lambda: DL.DiffLoss(TINY, rngs=nnx.Rngs(0)), mesh)
-    graphdef, params = nnx.split(model)
-    n = 56  # tokens; repeated batch_mul times
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
-    target, z = (jax.device_put(jnp.ones((n, d), jnp.float32), rows) for d in (TINY.in_channels, TINY.z_channels))
-    mask = jax.device_put(jnp.ones((n,), jnp.float32), rows)
-
-    def loss(p):
-        return nnx.merge(graphdef, p).loss(target, z, mask, jax.random.key(0))
-
-    with jax.set_mesh(mesh):
-        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    big = n * TINY.batch_mul
-    gathered = re.findall(rf"= \w+\[{big}[,\]][^=]*all-gather\(", hlo)
-    assert "all-gather" in hlo  # the parameters are gathered (FSDP), so the check can see gathers
-    assert not gathered, gathered[:2]

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unipic_jax import sharding
 from unipic_jax.convert.mapping import Rule
 from unipic_jax.models import diffusion
 from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig
@@ -134,12 +133,10 @@ class SimpleMLPAdaLN(nnx.Module):
         self.final_layer = FinalLayer(cfg, rngs=rngs)
 
     def __call__(self, x, t, c):
-        # the N tokens are the batch: keep them sharded over data × fsdp (without the constraint
-        # XLA may all-gather them onto every device)
-        y = sharding.constrain(self.time_embed(t) + self.cond_embed(c), ("batch", "act_embed"))
-        h = sharding.constrain(self.input_proj(x), ("batch", "act_embed"))
+        y = self.time_embed(t) + self.cond_embed(c)
+        h = self.input_proj(x)
         for block in self.res_blocks:
-            h = sharding.constrain(block(h, y), ("batch", "act_embed"))
+            h = block(h, y)
         return self.final_layer(h, y).astype(jnp.float32)
 
     def forward_with_cfg(self, x, t, c, cfg_scale):
@@ -174,11 +171,10 @@ class DiffLoss(nnx.Module):
         """Mean diffusion loss over tokens with ``mask == 1``. ``target (N, C)``, ``z (N, Z)``,
         ``mask (N,)``; each token is repeated ``batch_mul`` times with its own ``t`` and noise."""
         m = self.config.batch_mul
-        target, z, mask = (sharding.constrain(jnp.repeat(a, m, axis=0), ("batch",) + (None,) * (a.ndim - 1))
-                           for a in (target, z, mask))
+        target, z, mask = (jnp.repeat(a, m, axis=0) for a in (target, z, mask))
         k_t, k_n = jax.random.split(key)
-        t = sharding.constrain(jax.random.randint(k_t, (target.shape[0],), 0, self.config.num_steps), ("batch",))
-        noise = sharding.constrain(jax.random.normal(k_n, target.shape, jnp.float32), ("batch", None))
+        t = jax.random.randint(k_t, (target.shape[0],), 0, self.config.num_steps)
+        noise = jax.random.normal(k_n, target.shape, jnp.float32)
         per_token, _ = diffusion.training_losses(self.train_schedule, lambda x, tt: self.net(x, tt, z),
                                                  target.astype(jnp.float32), t, noise)
         mask = mask.astype(jnp.float32)
