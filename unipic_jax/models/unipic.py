@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unipic_jax import sharding
 from unipic_jax.models import diffloss as diffloss_lib
 from unipic_jax.models import mar as mar_lib
 from unipic_jax.models import qwen2, siglip2
@@ -207,11 +208,14 @@ class UniPic(nnx.Module):
         K = image_mask.shape[1] - S
         z_llm = hidden[:, -(K + S):]
         z_llm = jnp.concatenate([z_llm[:, K:], z_llm[:, :K]], axis=1)  # buffer back to the front
-        x_enc = x_enc + self.proj_out(z_llm).astype(x_enc.dtype)
+        # batch-sharded here and after the scatter below: without it, once the diffusion head keeps its
+        # tokens batch-sharded, XLA 0.10.2's partitioner emits an invalid gather for the scatter's transpose
+        rows = ("batch", "length", "act_embed")
+        x_enc = sharding.constrain(x_enc + self.proj_out(z_llm).astype(x_enc.dtype), rows)
         if keep is not None:  # back to all L slots; the others are masked, and decode refills them
             image = jnp.zeros((B, L, x_enc.shape[-1]), x_enc.dtype)
             image = image.at[jnp.arange(B)[:, None], keep].set(x_enc[:, S:])
-            x_enc = jnp.concatenate([x_enc[:, :S], image], axis=1)
+            x_enc = sharding.constrain(jnp.concatenate([x_enc[:, :S], image], axis=1), rows)
         return self.mar.decode(x_enc, mask, image_shape=latents.shape[1:3], x_con=x_con)
 
     def siglip_embeddings(self, pixel_values, pixel_attention_mask=None, spatial_shapes=None):

@@ -78,9 +78,7 @@ def lower_train_step(cfg, mesh, stage_name: str | None = None, bucket: int = 0):
     with jax.set_mesh(mesh):
         shardings = sharding.state_shardings(params, mesh)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-        tx = optim.make_optimizer(params, lr=stage.lr, steps=stage.steps, warmup=stage.warmup, kind=stage.schedule,
-                                  weight_decay=stage.weight_decay, clip=stage.clip, trainable=stage.trainable,
-                                  accumulate=stage.accumulate)
+        tx = stage.optimizer(params)
         opt = _opt_shardings(jax.eval_shape(tx.init, params), params, mesh)
         state = {"params": params, "opt": opt, "ema": params if stage.ema else None,
                  "step": _sds((), jnp.int32, mesh, PartitionSpec())}

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from unipic_jax import sharding
 from unipic_jax.data import pipeline as pipeline_lib
@@ -75,6 +76,13 @@ class Stage:
     calibrate_scale: bool = False  # vae stages: afterwards, set the latent scale to 1 / std(latents)
     loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"t2i": 1.0})
     data: pipeline_lib.PipelineConfig = dataclasses.field(default_factory=pipeline_lib.PipelineConfig)
+
+    def optimizer(self, params):
+        """The stage's optimizer over ``params``: AdamW with its schedule, clipping, no-decay
+        groups, frozen parts and gradient accumulation (``optim.make_optimizer``)."""
+        return optim.make_optimizer(params, lr=self.lr, steps=self.steps, warmup=self.warmup, kind=self.schedule,
+                                    weight_decay=self.weight_decay, clip=self.clip, trainable=self.trainable,
+                                    accumulate=self.accumulate)
 
     @classmethod
     def from_config(cls, name: str, c, model_cfg, seed: int) -> "Stage":
@@ -123,14 +131,16 @@ def stage_loss(model, stage: Stage, batch: dict, key) -> tuple[jax.Array, dict]:
 
 
 def make_train_step(graphdef, rest, stage: Stage, tx, seed: int):
-    """``step(state, batch) → (state, metrics)``, jitted, donating the old state."""
+    """``step(state, batch) → (state, metrics)``, jitted, donating the old state; ``step.lower``
+    lowers it. The new state keeps the shardings of the state of the first call: left free, XLA
+    may lay the outputs out differently from the inputs, and every later step then compiles again
+    (30-50 s per step on a data × fsdp × tensor mesh)."""
 
     def loss_fn(params, batch, key):
         return stage_loss(nnx.merge(graphdef, params, rest), stage, batch, key)
 
     labels = None
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state, batch):
         nonlocal labels
         labels = optim.trainable_labels(state["params"], stage.trainable)  # static strings, computed at trace time
@@ -142,7 +152,21 @@ def make_train_step(graphdef, rest, stage: Stage, tx, seed: int):
         metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
         return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, metrics
 
-    return step
+    jitted = None
+
+    def compiled(state):
+        nonlocal jitted
+        if jitted is None:
+            # only on a mesh: pinning single-device arrays would make them "committed" and cost a compile
+            shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else None, state)
+            jitted = jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+        return jitted
+
+    def run(state, batch):
+        return compiled(state)(state, batch)
+
+    run.lower = lambda state, batch: compiled(state).lower(state, batch)
+    return run
 
 
 def init_state(params, tx, stage: Stage, step: int):
@@ -276,9 +300,7 @@ class Trainer:
                 first = start_step if si == start_stage else 0
                 pipe = pipeline_lib.Pipeline({t: self.sources[t] for t in stage.data.batch_size}, stage.data, self.tok)
                 it = pipe.iterator()
-                tx = optim.make_optimizer(params, lr=stage.lr, steps=stage.steps, warmup=stage.warmup,
-                                          kind=stage.schedule, weight_decay=stage.weight_decay, clip=stage.clip,
-                                          trainable=stage.trainable, accumulate=stage.accumulate)
+                tx = stage.optimizer(params)
                 with _mesh(self.mesh):
                     state = init_state(params, tx, stage, offsets[si] + first)
                     if restored is not None and si == start_stage:
