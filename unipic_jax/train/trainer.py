@@ -29,7 +29,6 @@ step and the loss part, without saving the broken state.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
