@@ -34,7 +34,7 @@ def speed_child(steps: int):
     from unipic_jax.data import pipeline as P
     from unipic_jax.data import shapes_tokenizer
     from unipic_jax.models import unipic
-    from unipic_jax.train import optim, run
+    from unipic_jax.train import run
     from unipic_jax.train.trainer import Stage, init_state, make_train_step
 
     cfg = run.load_config("configs/demo.py")
@@ -46,7 +46,7 @@ def speed_child(steps: int):
     stage = Stage.from_config("gen32", cfg.stages.gen32, mc, 0)
     pipe = P.Pipeline(run.build_sources(cfg, ["t2i"]), stage.data, tok, process_index=0, process_count=1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optim.make_optimizer(params, lr=stage.lr, steps=stage.steps, trainable=stage.trainable)
+    tx = stage.optimizer(params)
     ctx = jax.set_mesh(mesh) if mesh is not None else None
     if ctx:
         ctx.__enter__()
