@@ -158,6 +158,24 @@ def test_a_checkpoint_restores_onto_a_different_mesh(full_run, mcfg, tok, tmp_pa
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
 
 
+def test_a_fresh_run_compiles_its_step_once(mcfg, tok, tmp_path, caplog):
+    """As the demo starts: a new model on a one-device mesh. The state's scalars (the step,
+    Adam's counts) start on the mesh too, or the second step sees new input types and the
+    step compiles again (20 s a stage on two cores)."""
+    import logging
+
+    from unipic_jax import sharding
+
+    mesh = sharding.make_mesh({"fsdp": -1}, devices=jax.devices()[:1])
+    model = sharding.create_sharded(lambda: U.UniPic(mcfg, rngs=nnx.Rngs(0)), mesh)
+    t = trainer(model, mcfg, tok, tmp_path)
+    t.stages = t.stages[1:]  # the generation stage, 3 steps
+    with caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"), jax.log_compiles():
+        assert t.run().steps == 3
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    assert len(compiles) == 1, [r.getMessage()[:300] for r in compiles]
+
+
 def test_loss_decreases_on_a_fixed_batch(mcfg, tok):
     model = U.UniPic(mcfg, rngs=nnx.Rngs(1))
     st = stages(mcfg)[1]

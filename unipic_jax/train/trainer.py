@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from unipic_jax import sharding
 from unipic_jax.data import pipeline as pipeline_lib
@@ -169,9 +169,17 @@ def make_train_step(graphdef, rest, stage: Stage, tx, seed: int):
 
 
 def init_state(params, tx, stage: Stage, step: int):
+    """``{"params", "opt", "ema", "step"}``, every array on the parameters' mesh: scalars left
+    off it (the step, Adam's counts) would come back from the first step on the mesh, a new
+    input type, and the step would compile a second time."""
     opt = jax.jit(tx.init)(params)
     ema = jax.tree.map(jnp.copy, params) if stage.ema else None
-    return {"params": params, "opt": opt, "ema": ema, "step": jnp.asarray(step, jnp.int32)}
+    state = {"params": params, "opt": opt, "ema": ema, "step": jnp.asarray(step, jnp.int32)}
+    mesh = next((x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)), None)
+    if mesh is None:
+        return state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state)
 
 
 # -- checkpoints --------------------------------------------------------------------------
