@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
+from helpers import randomize
 
 from unipic_jax.convert.hf import ConversionError, DictSource, load_state, torch_tensors
 from unipic_jax.convert.mapping import KeyMap
@@ -73,6 +74,52 @@ def test_ldm_names_round_trip_and_give_the_same_model(pair):
     bad["encoder.down.0.block.0.nin_shortcut.weight"] = np.zeros((16, 16, 1, 1), np.float32)
     with pytest.raises(ConversionError, match=r"encoder\.down\.0\.block\.0\.nin_shortcut\.weight"):
         load_state(abstract, DictSource(bad), KeyMap(V.ldm_rules(CFG)), progress=False)
+
+
+def test_without_attention_matches_diffusers():
+    cfg = CFG.replace(attention=False)
+    torch.manual_seed(0)
+    ref = TorchVAE(**V.diffusers_config(cfg)).eval()
+    assert not any("attention" in k for k in ref.state_dict())
+    sd = {k: v.numpy() + 0.05 * np.random.RandomState(1).randn(*v.shape).astype(np.float32)
+          for k, v in ref.state_dict().items()}
+    ref.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    abstract = nnx.eval_shape(lambda: V.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    ours = load_state(abstract, DictSource(sd, "diffusers"), KeyMap(V.diffusers_rules(cfg)), progress=False)
+    assert not any("attn" in ".".join(map(str, path)) for path, _ in nnx.state(ours).flat_state())
+    x = images(2)
+    with torch.no_grad():
+        mean = ref.encode(torch.tensor(x.transpose(0, 3, 1, 2))).latent_dist.mean
+        rec = ref.decode(mean).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours.posterior(jnp.asarray(x))[0], mean.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(ours.decode(ours.encode(jnp.asarray(x))), rec, atol=1e-4)
+    ldm = dict(torch_tensors(ours, KeyMap(V.ldm_rules(cfg))))  # every parameter has its LDM name
+    assert len(ldm) == len(sd) and not any("attn" in k for k in ldm)
+    with pytest.raises(ValueError, match="no norm='pixel'"):
+        V.diffusers_config(CFG.replace(norm="pixel"))
+    with pytest.raises(ValueError, match="norm='batch'"):
+        V.VAEConfig(norm="batch")
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_local_latents_depend_only_on_nearby_pixels(local):
+    """With per-pixel norms and no attention a latent sees only its receptive field (77 px
+    for the tiny encoder); LDM's GroupNorm statistics and attention span the whole image."""
+    cfg = CFG.replace(attention=False, norm="pixel") if local else CFG
+    model = randomize(V.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    x = np.tanh(np.random.RandomState(4).randn(1, 16, 128, 3)).astype(np.float32)
+    y = x.copy()
+    y[:, :, 96:] = 1.0  # the right quarter turns white
+    left = slice(0, 8)  # latent columns 0-7: pixels 0-31, more than 38 px from the change
+    zx, zy = model.encode(jnp.asarray(x)), model.encode(jnp.asarray(y))
+    change = float(jnp.max(jnp.abs(zx[:, :, left] - zy[:, :, left])))
+    assert float(jnp.max(jnp.abs(zx - zy))) > 1e-2  # the change reaches the latents near it
+    if local:
+        assert change < 1e-6
+        dx, dy = model.decode(zx), model.decode(zx.at[:, :, 24:].set(0.0))
+        assert float(jnp.max(jnp.abs(dx[:, :, :16] - dy[:, :, :16]))) < 1e-6  # the decoder is local too
+    else:
+        assert change > 1e-3
 
 
 def test_vae_training_loss_decreases():

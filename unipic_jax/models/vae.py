@@ -11,6 +11,12 @@ attention, ResNet) → GroupNorm → swish → ``conv_out`` (2·embed: mean and 
 last to the first, ``num_res_blocks + 1`` ResNet blocks then (but at level 0) nearest ×2
 upsampling and a conv3 → GroupNorm → swish → ``conv_out``.
 
+For small worlds trained from scratch, ``attention=False`` drops the attention blocks and
+``norm="pixel"`` takes each group's statistics at each position alone: a latent then depends
+only on the pixels in its receptive field, where LDM's GroupNorm statistics and attention make
+every latent depend on the whole image (an object added far away moves the demo VAE's
+background latents by 0.15 of the latents' std; locally, by 0.001).
+
 ``encode`` returns the posterior mode (or a sample) times ``scale`` (0.2325); ``decode``
 divides by it. The posterior's log-variance is clamped to [-30, 20]. ``loss`` is the
 reconstruction + KL objective for training the tokenizer on small worlds.
@@ -42,11 +48,19 @@ class VAEConfig(PresetConfig):
     in_channels: int = 3
     num_groups: int = 32
     scale: float = 0.2325
+    # LDM's VAE couples every latent to the whole image: GroupNorm statistics span all positions and
+    # self-attention runs at the lowest resolution. attention=False drops the attention blocks and
+    # norm="pixel" takes each group's statistics at each position alone, so a latent depends only on
+    # the pixels in its receptive field (local tokens, for small worlds trained from scratch)
+    attention: bool = True
+    norm: str = "group"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}; choose from {NORMS}")
         if any((self.ch * m) % self.num_groups for m in self.ch_mult):
             raise ValueError(f"every width ch*ch_mult {[self.ch * m for m in self.ch_mult]} must be divisible by "
                              f"num_groups={self.num_groups}")
@@ -55,6 +69,8 @@ class VAEConfig(PresetConfig):
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+
+NORMS = ("group", "pixel")
 
 PRESETS = {
     "kl16": VAEConfig(),
@@ -82,16 +98,20 @@ class Conv(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-    def __init__(self, c: int, groups: int, *, eps: float = 1e-6, dtype, param_dtype, rngs: nnx.Rngs):
-        self.groups, self.eps, self.dtype = groups, eps, dtype
+    """GroupNorm over ``(H, W, C/groups)``; with ``per_pixel`` over ``C/groups`` at each position."""
+
+    def __init__(self, c: int, groups: int, *, eps: float = 1e-6, per_pixel: bool = False, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.groups, self.eps, self.dtype, self.per_pixel = groups, eps, dtype, per_pixel
         self.scale = param(rngs, jax.nn.initializers.ones, (c,), (None,), param_dtype)
         self.bias = param(rngs, jax.nn.initializers.zeros, (c,), (None,), param_dtype)
 
     def __call__(self, x):
         B, H, W, C = x.shape
         g = x.astype(jnp.float32).reshape(B, H, W, self.groups, C // self.groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+        axes = (4,) if self.per_pixel else (1, 2, 4)
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
         y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(B, H, W, C)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
@@ -100,11 +120,15 @@ def _kw(cfg: VAEConfig, rngs):
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
+def _group_norm(c: int, cfg: VAEConfig, rngs):
+    return GroupNorm(c, cfg.num_groups, per_pixel=cfg.norm == "pixel", **_kw(cfg, rngs))
+
+
 class ResnetBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        self.norm1 = GroupNorm(cin, cfg.num_groups, **_kw(cfg, rngs))
+        self.norm1 = _group_norm(cin, cfg, rngs)
         self.conv1 = Conv(cin, cout, 3, **_kw(cfg, rngs))
-        self.norm2 = GroupNorm(cout, cfg.num_groups, **_kw(cfg, rngs))
+        self.norm2 = _group_norm(cout, cfg, rngs)
         self.conv2 = Conv(cout, cout, 3, **_kw(cfg, rngs))
         self.nin_shortcut = Conv(cin, cout, 1, **_kw(cfg, rngs)) if cin != cout else None
 
@@ -118,7 +142,7 @@ class AttnBlock(nnx.Module):
     """Single-head self-attention over all ``H·W`` positions, with a residual."""
 
     def __init__(self, c: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        self.norm = GroupNorm(c, cfg.num_groups, **_kw(cfg, rngs))
+        self.norm = _group_norm(c, cfg, rngs)
         self.q, self.k, self.v, self.proj_out = (Conv(c, c, 1, **_kw(cfg, rngs)) for _ in range(4))
 
     def __call__(self, x):
@@ -157,11 +181,12 @@ class Level(nnx.Module):
 class Mid(nnx.Module):
     def __init__(self, c: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
         self.block_1 = ResnetBlock(c, c, cfg, rngs=rngs)
-        self.attn_1 = AttnBlock(c, cfg, rngs=rngs)
+        self.attn_1 = AttnBlock(c, cfg, rngs=rngs) if cfg.attention else None
         self.block_2 = ResnetBlock(c, c, cfg, rngs=rngs)
 
     def __call__(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+        h = self.block_1(x)
+        return self.block_2(self.attn_1(h) if self.attn_1 is not None else h)
 
 
 def _run_level(level: Level, h):
@@ -180,12 +205,13 @@ class Encoder(nnx.Module):
         for i, m in enumerate(cfg.ch_mult):
             cout = cfg.ch * m
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, cfg, rngs=rngs) for j in range(cfg.num_res_blocks)]
-            attn = [AttnBlock(cout, cfg, rngs=rngs) for _ in range(cfg.num_res_blocks)] if i == n - 1 else []
+            attn = ([AttnBlock(cout, cfg, rngs=rngs) for _ in range(cfg.num_res_blocks)]
+                    if i == n - 1 and cfg.attention else [])
             levels.append(Level(blocks, attn, Downsample(cout, cfg, rngs=rngs) if i < n - 1 else None))
             cin = cout
         self.down = nnx.List(levels)
         self.mid = Mid(cin, cfg, rngs=rngs)
-        self.norm_out = GroupNorm(cin, cfg.num_groups, **_kw(cfg, rngs))
+        self.norm_out = _group_norm(cin, cfg, rngs)
         self.conv_out = Conv(cin, 2 * cfg.embed_dim, 3, **_kw(cfg, rngs))
 
     def __call__(self, x):
@@ -210,7 +236,7 @@ class Decoder(nnx.Module):
             levels[i] = Level(blocks, [], Upsample(cout, cfg, rngs=rngs) if i > 0 else None)
             cin = cout
         self.up = nnx.List(levels)
-        self.norm_out = GroupNorm(cin, cfg.num_groups, **_kw(cfg, rngs))
+        self.norm_out = _group_norm(cin, cfg, rngs)
         self.conv_out = Conv(cin, cfg.in_channels, 3, **_kw(cfg, rngs))
 
     def __call__(self, z):
@@ -299,15 +325,17 @@ def ldm_rules(cfg: VAEConfig) -> tuple[Rule, ...]:
                   *_norm(f"{part}.norm_out", f"{part}.norm_out")]
         for b in ("block_1", "block_2"):
             rules += _resnet(f"{part}.mid.{b}", f"{part}.mid.{b}", "nin_shortcut")
-        rules += _norm(f"{part}.mid.attn_1.norm", f"{part}.mid.attn_1.norm")
-        for w in ("q", "k", "v", "proj_out"):
-            rules += _conv(f"{part}.mid.attn_1.{w}", f"{part}.mid.attn_1.{w}")
+        if cfg.attention:
+            rules += _norm(f"{part}.mid.attn_1.norm", f"{part}.mid.attn_1.norm")
+            for w in ("q", "k", "v", "proj_out"):
+                rules += _conv(f"{part}.mid.attn_1.{w}", f"{part}.mid.attn_1.{w}")
     for part, lv, rs in (("encoder", "down", "downsample"), ("decoder", "up", "upsample")):
         rules += _resnet(f"{part}.{lv}.{{}}.block.{{}}", f"{part}.{lv}.{{}}.block.{{}}", "nin_shortcut")
         rules += _conv(f"{part}.{lv}.{{}}.{rs}.conv", f"{part}.{lv}.{{}}.{rs}.conv")
-    rules += _norm("encoder.down.{}.attn.{}.norm", "encoder.down.{}.attn.{}.norm")
-    for w in ("q", "k", "v", "proj_out"):
-        rules += _conv(f"encoder.down.{{}}.attn.{{}}.{w}", f"encoder.down.{{}}.attn.{{}}.{w}")
+    if cfg.attention:
+        rules += _norm("encoder.down.{}.attn.{}.norm", "encoder.down.{}.attn.{}.norm")
+        for w in ("q", "k", "v", "proj_out"):
+            rules += _conv(f"encoder.down.{{}}.attn.{{}}.{w}", f"encoder.down.{{}}.attn.{{}}.{w}")
     rules += [*_conv("quant_conv", "quant_conv"), *_conv("post_quant_conv", "post_quant_conv")]
     return tuple(rules)
 
@@ -321,14 +349,17 @@ def diffusers_rules(cfg: VAEConfig) -> tuple[Rule, ...]:
                   *_norm(f"{part}.conv_norm_out", f"{part}.norm_out")]
         for k, b in enumerate(("block_1", "block_2")):
             rules += _resnet(f"{part}.mid_block.resnets.{k}", f"{part}.mid.{b}", "conv_shortcut")
-        rules += _norm(f"{part}.mid_block.attentions.0.group_norm", f"{part}.mid.attn_1.norm")
-        for t, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-            rules += _linear_as_1x1(f"{part}.mid_block.attentions.0.{t}", f"{part}.mid.attn_1.{o}")
+        if cfg.attention:
+            rules += _norm(f"{part}.mid_block.attentions.0.group_norm", f"{part}.mid.attn_1.norm")
+            for t, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                rules += _linear_as_1x1(f"{part}.mid_block.attentions.0.{t}", f"{part}.mid.attn_1.{o}")
     rules += _resnet("encoder.down_blocks.{}.resnets.{}", "encoder.down.{}.block.{}", "conv_shortcut")
     rules += _conv("encoder.down_blocks.{}.downsamplers.0.conv", "encoder.down.{}.downsample.conv")
-    rules += _norm("encoder.down_blocks.{}.attentions.{}.group_norm", "encoder.down.{}.attn.{}.norm")
-    for t, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-        rules += _linear_as_1x1(f"encoder.down_blocks.{{}}.attentions.{{}}.{t}", f"encoder.down.{{}}.attn.{{}}.{o}")
+    if cfg.attention:
+        rules += _norm("encoder.down_blocks.{}.attentions.{}.group_norm", "encoder.down.{}.attn.{}.norm")
+        for t, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            rules += _linear_as_1x1(f"encoder.down_blocks.{{}}.attentions.{{}}.{t}",
+                                    f"encoder.down.{{}}.attn.{{}}.{o}")
     for k in range(n):  # diffusers up_blocks[k] is LDM level n-1-k
         i = n - 1 - k
         rules += _resnet(f"decoder.up_blocks.{k}.resnets.{{}}", f"decoder.up.{i}.block.{{}}", "conv_shortcut")
@@ -339,11 +370,15 @@ def diffusers_rules(cfg: VAEConfig) -> tuple[Rule, ...]:
 
 def diffusers_config(cfg: VAEConfig) -> dict:
     """Keyword arguments of ``diffusers.AutoencoderKL`` for the same architecture."""
+    if cfg.norm != "group":
+        raise ValueError(f"diffusers' AutoencoderKL has no norm={cfg.norm!r} (only GroupNorm over all positions)")
     n = len(cfg.ch_mult)
     return dict(
         in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
+        down_block_types=("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D" if cfg.attention
+                                                               else "DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
         latent_channels=cfg.embed_dim, norm_num_groups=cfg.num_groups, scaling_factor=cfg.scale,
+        mid_block_add_attention=cfg.attention,
     )
