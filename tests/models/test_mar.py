@@ -142,3 +142,35 @@ def test_init_follows_mar():
     assert 0 < np.asarray(sin.encoder_pos_embed[...])[0, :4].std() < 0.05  # the buffer rows stay N(0, 0.02²)
     with pytest.raises(ValueError, match="pos_init"):
         CFG.replace(pos_init="rope")
+
+
+def test_distance_bias_is_2d_alibi():
+    index = jnp.asarray([[-1, 0, 1, 5, 11]])  # a buffer slot, then (0,0) (0,1) (1,1) (2,3) on a 4-wide grid
+    bias = np.asarray(M.distance_bias(index, 4, 3))
+    assert bias.shape == (1, 3, 5, 5)
+    pos = np.array([[0, 0], [0, 1], [1, 1], [2, 3]], np.float32)
+    dist = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+    for h in range(3):
+        np.testing.assert_allclose(bias[0, h, 1:, 1:], -(2.0 ** -h) * dist, rtol=1e-6)
+        assert np.all(bias[0, h, 0] == 0) and np.all(bias[0, h, :, 0] == 0)  # the buffer is near everything
+    with pytest.raises(ValueError, match="attn_bias='relative'"):
+        M.MARConfig(attn_bias="relative")
+
+
+@pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
+def test_alibi_keeps_masking_and_the_kept_token_path(model, h, w):
+    alibi = M.MAR(CFG.replace(attn_bias="alibi"), rngs=nnx.Rngs(0))
+    nnx.update(alibi, nnx.state(model))  # the same weights: only the bias differs
+    L = h * w
+    tokens = jnp.asarray(np.random.RandomState(5).randn(2, L, 4), jnp.float32)
+    mask = M.mask_by_order(M.random_orders(jax.random.key(6), 2, L), L - 4)
+    full = alibi.encode(tokens, mask, image_shape=(h, w))
+    assert not np.allclose(full, model.encode(tokens, mask, image_shape=(h, w)), atol=1e-3)
+    keep = M.visible_first(mask, 6)
+    out = alibi.encode(tokens, mask, image_shape=(h, w), keep=keep)
+    np.testing.assert_allclose(out[:, 4:], np.take_along_axis(np.asarray(full[:, 4:]), np.asarray(keep)[..., None], 1),
+                               atol=1e-5)
+    other = tokens.at[0, int(np.flatnonzero(np.asarray(mask[0]))[0])].add(5.0)  # a masked token
+    np.testing.assert_allclose(alibi.encode(other, mask, image_shape=(h, w)), full, atol=1e-6)
+    z = alibi.decode(full, mask, image_shape=(h, w))
+    assert not np.allclose(z, model.decode(full, mask, image_shape=(h, w)), atol=1e-3)

@@ -247,12 +247,14 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return x * cos + jnp.concatenate([-b, a], axis=-1) * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+              bias: jax.Array | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads, the project's only attention.
 
     ``q (B, T, N, D)``, ``k, v (B, S, K, D)`` with ``N % K == 0``; ``mask`` is a boolean
-    ``(B, 1, T, S)`` (True = attend) or ``None``. Logits and softmax run in float32;
-    a fully masked row gives a uniform average rather than NaN. Returns ``(B, T, N, D)``.
+    ``(B, 1, T, S)`` (True = attend) or ``None``; ``bias`` a float ``(B, N, T, S)`` added to
+    the logits (or ``None``). Logits and softmax run in float32; a fully masked row gives a
+    uniform average rather than NaN. Returns ``(B, T, N, D)``.
     """
     B, T, N, D = q.shape
     K = k.shape[2]
@@ -260,6 +262,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
         raise ValueError(f"{N} query heads cannot share {K} key/value heads")
     q = q.reshape(B, T, K, N // K, D)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (D**-0.5)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], K, N // K, T, -1)
     if mask is not None:
         logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -55,6 +55,8 @@ class MARConfig(PresetConfig):
     grid: int = 32  # side of the token grid the position embeddings are learned for (512 / 16)
     mask_ratio_min: float = 0.7
     pos_init: str = "normal"  # position tables at init: "normal" (σ 0.02, as MAR) or "sincos" (2-D, MAE)
+    # "alibi": 2-D ALiBi in every block, see distance_bias (MAR and the release have none)
+    attn_bias: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -64,11 +66,14 @@ class MARConfig(PresetConfig):
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.pos_init not in POS_INITS:
             raise ValueError(f"pos_init={self.pos_init!r}; choose from {POS_INITS}")
+        if self.attn_bias not in ATTN_BIASES:
+            raise ValueError(f"attn_bias={self.attn_bias!r}; choose from {ATTN_BIASES}")
         if self.pos_init == "sincos" and self.width % 4:
             raise ValueError(f"pos_init='sincos' needs a width divisible by 4, got {self.width}")
 
 
 POS_INITS = ("normal", "sincos")
+ATTN_BIASES = ("none", "alibi")
 
 
 PRESETS = {
@@ -105,6 +110,20 @@ def _pos_init(cfg: MARConfig, buffer: int):
     return init
 
 
+def distance_bias(index: jax.Array, width: int, num_heads: int) -> jax.Array:
+    """2-D ALiBi: ``(B, H, n, n)`` logit biases ``−2^−h · ‖p_i − p_j‖`` for head ``h``, where
+    ``p`` is a slot's (row, column) on a token grid ``width`` wide and ``index (B, n)`` its
+    raster index, −1 for a buffer slot (no distance to anything). Head 0 looks mostly at the
+    nearest tokens, the last ones over the whole image; distances are in tokens, so the same
+    bias serves every resolution."""
+    pos = jnp.stack([index // width, index % width], axis=-1).astype(jnp.float32)
+    dist = jnp.sqrt(jnp.sum(jnp.square(pos[:, :, None] - pos[:, None, :]), axis=-1))
+    image = index >= 0
+    dist = jnp.where(image[:, :, None] & image[:, None, :], dist, 0.0)
+    slopes = 2.0 ** -jnp.arange(num_heads, dtype=jnp.float32)
+    return -slopes[None, :, None, None] * dist[:, None]
+
+
 def _norm_kw(cfg, rngs):
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
@@ -126,16 +145,16 @@ class Block(nnx.Module):
         self.fc1 = Dense(W, cfg.mlp_ratio * W, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
         self.fc2 = Dense(cfg.mlp_ratio * W, W, in_axes=("mlp",), out_axes=("embed",), **_kw(cfg, rngs))
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, bias=None):
         qkv = self.qkv(self.norm1(x))
-        x = x + self.proj(attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], mask))
+        x = x + self.proj(attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], mask, bias))
         h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False)
         return sharding.constrain(x + self.fc2(h), ("batch", "length", "act_embed"))
 
 
-def _run(blocks, x, mask, remat: bool):
+def _run(blocks, x, mask, remat: bool, bias=None):
     for block in blocks:
-        x = nnx.remat(lambda b, x, m: b(x, m))(block, x, mask) if remat else block(x, mask)
+        x = nnx.remat(lambda b, x, m, a: b(x, m, a))(block, x, mask, bias) if remat else block(x, mask, bias)
     return x
 
 
@@ -167,6 +186,14 @@ class MAR(nnx.Module):
             image = resize_grid(image.reshape(cfg.grid, cfg.grid, -1), h, w).reshape(h * w, -1)
         return jnp.concatenate([t[:S], image]).astype(cfg.dtype)
 
+    def _bias(self, index, w: int):
+        """The blocks' logit bias for slots ``[buffer | image tokens index (B, n)]`` (or None)."""
+        if self.config.attn_bias == "none":
+            return None
+        S = self.config.buffer_size
+        buffer = jnp.full((index.shape[0], S), -1, jnp.int32)
+        return distance_bias(jnp.concatenate([buffer, index.astype(jnp.int32)], axis=1), w, self.config.num_heads)
+
     def _check(self, tokens, mask, image_shape):
         B, L, _ = tokens.shape
         h, w = image_shape if image_shape is not None else (self.config.grid, self.config.grid)
@@ -187,11 +214,13 @@ class MAR(nnx.Module):
         B, L, _ = tokens.shape
         pos = self._pos(self.encoder_pos_embed, h, w, True)
         visible = ~mask.astype(bool) if mask is not None else jnp.ones((B, L), bool)
+        index = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if keep is not None:
             if mask is None or keep.ndim != 2 or keep.shape[0] != B:
                 raise ValueError(f"keep must be (B={B}, K) token indices and comes with a mask, got "
                                  f"{getattr(keep, 'shape', keep)}")
             tokens = jnp.take_along_axis(tokens, keep[..., None], axis=1)
+            index = keep
             visible = jnp.take_along_axis(visible, keep, axis=1)
             S = cfg.buffer_size
             pos = jnp.concatenate([jnp.broadcast_to(pos[:S], (B, S, pos.shape[-1])), pos[S:][keep]], axis=1)
@@ -201,7 +230,7 @@ class MAR(nnx.Module):
         x = jnp.concatenate([jnp.broadcast_to(buffer.astype(cfg.dtype), (B, cfg.buffer_size, x.shape[-1])), x], 1)
         x = self.z_proj_ln(x + pos)
         visible = jnp.concatenate([jnp.ones((B, cfg.buffer_size), bool), visible], axis=1)
-        x = _run(self.encoder_blocks, x, visible[:, None, None, :], cfg.remat)
+        x = _run(self.encoder_blocks, x, visible[:, None, None, :], cfg.remat, self._bias(index, w))
         return jnp.where(visible[..., None], self.encoder_norm(x), 0)
 
     def decode(self, x_enc, mask, image_shape=None, x_con=None) -> jax.Array:
@@ -218,7 +247,8 @@ class MAR(nnx.Module):
             self.mask_token[...].astype(cfg.dtype), x.shape)
         masked = jnp.concatenate([jnp.zeros((B, cfg.buffer_size), bool), mask.astype(bool)], 1)
         x = jnp.where(masked[..., None], fill, x) + self._pos(self.decoder_pos_embed, h, w, True)
-        x = self.decoder_norm(_run(self.decoder_blocks, x, None, cfg.remat))
+        bias = self._bias(jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)), w)
+        x = self.decoder_norm(_run(self.decoder_blocks, x, None, cfg.remat, bias))
         return x[:, cfg.buffer_size:] + self._pos(self.diffusion_pos_embed, h, w, False)
 
 
