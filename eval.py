@@ -1,7 +1,7 @@
 """Evaluate a UniPic checkpoint on the shapes world's held-out split.
 
     python eval.py --checkpoint runs/demo/model [--tokenizer runs/demo/tokenizer] [--out runs/demo/eval]
-                   [--size 48] [--per_category 8] [--edit_per_kind 4] [--qa 24] [--num_iter 16] [--cfg 2]
+                   [--size 48] [--per_category 8] [--edit_per_kind 4] [--qa 24] [--num_iter 64] [--cfg 2]
                    [--cfg_schedule linear] [--temperature 1.0]
 
 Scores text-to-image per GenEval category (the shapes scorer on held-out prompts), editing
@@ -25,7 +25,7 @@ _SIZE = flags.DEFINE_integer("size", 48, "Image size (pixels, square).")
 _PER_CATEGORY = flags.DEFINE_integer("per_category", 8, "Text-to-image prompts per GenEval category.")
 _EDIT = flags.DEFINE_integer("edit_per_kind", 4, "Editing triplets per edit kind (0: skip).")
 _QA = flags.DEFINE_integer("qa", 24, "Understanding questions (0: skip).")
-_NUM_ITER = flags.DEFINE_integer("num_iter", 16, "MAR sampling iterations.")
+_NUM_ITER = flags.DEFINE_integer("num_iter", 64, "MAR sampling iterations (64 as in the report's evaluation).")
 _CFG = flags.DEFINE_float("cfg", 2.0, "Classifier-free guidance scale.")
 _CFG_SCHEDULE = flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "linear"],
                                   "Guidance over the sampling steps: constant, or linear from 1 (MAR's).")
@@ -36,10 +36,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
+    import unipic_jax
     from unipic_jax import checkpoint, sample
     from unipic_jax import tokenizer as tok_lib
     from unipic_jax.eval import shapes as shapes_eval
 
+    unipic_jax.enable_compilation_cache()
     ckpt = Path(_CHECKPOINT.value)
     try:
         model = checkpoint.load_model(ckpt)

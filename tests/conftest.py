@@ -9,11 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+import unipic_jax  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
-# XLA:CPU compiles are most of the suite's time; keep them between runs (a cache, safe to delete)
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("UNIPIC_JAX_XLA_CACHE", os.path.expanduser("~/.cache/unipic-jax/xla")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+# XLA:CPU compiles are most of the suite's time; keep them between runs
+unipic_jax.enable_compilation_cache(min_compile_secs=0.1)
 
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402

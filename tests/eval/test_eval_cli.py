@@ -20,8 +20,7 @@ def _eval(*args):
     import jax
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),  # the suite's compilation cache
-           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
+           "UNIPIC_JAX_XLA_CACHE": jax.config.jax_compilation_cache_dir}
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=600)
 
