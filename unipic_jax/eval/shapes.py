@@ -39,10 +39,10 @@ def _batches(items, n):
 
 
 def t2i(model, tok, *, size=(32, 32), per_category: int = 4, split: str = "validation", seed: int = 0,
-        batch: int = 8, **sample_kw) -> dict:
-    """``{"scores": evaluate(...), "images", "prompts"}`` for held-out prompts."""
+        batch: int = 8, categories: Sequence[str] = world.CATEGORIES, **sample_kw) -> dict:
+    """``{"scores": evaluate(...), "images", "prompts"}`` for held-out prompts of ``categories``."""
     exs = [world.t2i_example(i, split, seed=seed, category=c, sizes=(tuple(size),))
-           for c in world.CATEGORIES for i in range(per_category)]
+           for c in categories for i in range(per_category)]
     images = []
     for k, chunk in enumerate(_batches(exs, batch)):
         images.extend(sample.text_to_image(model, tok, [e["prompt"] for e in chunk], size=tuple(size),

@@ -24,6 +24,10 @@ Training drops them as MAR does, with a static count: ``encode(..., keep=idx)`` 
 ``K`` tokens ``idx (B, K)`` from :func:`visible_first` (the visible ones in raster order, then
 masked fillers, which stay masked), ``K = max_visible(L, mask_ratio_min)``.
 
+``attn_bias="alibi"`` (not in MAR or the release; for small models trained from scratch) adds
+2-D ALiBi to every block's logits: ``−2^−h`` times the distance between two image tokens for
+head ``h`` (:func:`distance_bias`), so the first heads attend to neighbouring tokens.
+
 Parameters keep the release's names (``mar.*``, see :data:`TORCH_RULES`); the unused
 ``class_emb`` of the release is not created (the converter reports it as ignored).
 """
@@ -214,7 +218,7 @@ class MAR(nnx.Module):
         B, L, _ = tokens.shape
         pos = self._pos(self.encoder_pos_embed, h, w, True)
         visible = ~mask.astype(bool) if mask is not None else jnp.ones((B, L), bool)
-        index = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        index = jnp.arange(L, dtype=jnp.int32)[None]  # each slot's raster index, for attn_bias
         if keep is not None:
             if mask is None or keep.ndim != 2 or keep.shape[0] != B:
                 raise ValueError(f"keep must be (B={B}, K) token indices and comes with a mask, got "
@@ -247,7 +251,7 @@ class MAR(nnx.Module):
             self.mask_token[...].astype(cfg.dtype), x.shape)
         masked = jnp.concatenate([jnp.zeros((B, cfg.buffer_size), bool), mask.astype(bool)], 1)
         x = jnp.where(masked[..., None], fill, x) + self._pos(self.decoder_pos_embed, h, w, True)
-        bias = self._bias(jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)), w)
+        bias = self._bias(jnp.arange(L, dtype=jnp.int32)[None], w)
         x = self.decoder_norm(_run(self.decoder_blocks, x, None, cfg.remat, bias))
         return x[:, cfg.buffer_size:] + self._pos(self.diffusion_pos_embed, h, w, False)
 
