@@ -14,8 +14,9 @@ upsampling and a conv3 → GroupNorm → swish → ``conv_out``.
 For small worlds trained from scratch, ``attention=False`` drops the attention blocks and
 ``norm="pixel"`` takes each group's statistics at each position alone: a latent then depends
 only on the pixels in its receptive field, where LDM's GroupNorm statistics and attention make
-every latent depend on the whole image (an object added far away moves the demo VAE's
-background latents by 0.15 of the latents' std; locally, by 0.001).
+every latent depend on the whole image (an object added far away moves the background latents
+of the demo's VAE trained with LDM's norms and attention by 0.15 of the latents' std; trained
+local, by 0.001).
 
 ``encode`` returns the posterior mode (or a sample) times ``scale`` (0.2325); ``decode``
 divides by it. The posterior's log-variance is clamped to [-30, 20]. ``loss`` is the
