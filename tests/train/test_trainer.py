@@ -1,6 +1,7 @@
 """Training: a few steps of each stage kind, frozen parts unchanged, loss decreasing on a fixed
 batch, exact resume after an interruption, corrupt checkpoints skipped, non-finite loss named."""
 
+import logging
 import shutil
 
 import jax
@@ -10,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from unipic_jax import sharding
 from unipic_jax.data import shapes_tokenizer
 from unipic_jax.data import sources as S
 from unipic_jax.models import unipic as U
@@ -69,7 +71,7 @@ def full_run(mcfg, tok, tmp_path_factory):
     return before, res, model, workdir
 
 
-def test_stages_run_and_frozen_parts_do_not_move(full_run, mcfg, tok, tmp_path):
+def test_stages_run_and_frozen_parts_do_not_move(full_run, mcfg, tok, tmp_path, caplog):
     before, res, model, workdir = full_run
     assert res.steps == 5 and not res.stopped
     assert {"loss", "t2i", "edit", "understanding", "grad_norm"} <= set(res.last_metrics)
@@ -80,11 +82,17 @@ def test_stages_run_and_frozen_parts_do_not_move(full_run, mcfg, tok, tmp_path):
         moved = any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
         assert moved, name  # the VAE moved in its stage, the rest in the generation stage
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
-    # a generation-only stage leaves the VAE bit-identical
-    model2 = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    # a generation-only stage leaves the VAE bit-identical. As the demo starts (a new model on a
+    # one-device mesh), its step compiles once: the state's scalars (the step, Adam's counts) start
+    # on the mesh too, or the second step sees new input types and compiles again (20 s a stage)
+    model2 = sharding.create_sharded(lambda: U.UniPic(mcfg, rngs=nnx.Rngs(0)),
+                                     sharding.make_mesh({"fsdp": -1}, devices=jax.devices()[:1]))
     vae_before = [np.array(x) for x in params_of(model2.vae)]
-    Trainer(model2, stages(mcfg)[1:], sources(), tok, tmp_path / "b", log_every=1, checkpoint_every=10,
-            progress=False, tensorboard=False).run()
+    with caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"), jax.log_compiles():
+        Trainer(model2, stages(mcfg)[1:], sources(), tok, tmp_path / "b", log_every=1, checkpoint_every=10,
+                progress=False, tensorboard=False).run()
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    assert len(compiles) == 1, [r.getMessage()[:300] for r in compiles]
     for x, y in zip(vae_before, params_of(model2.vae), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -156,24 +164,6 @@ def test_a_checkpoint_restores_onto_a_different_mesh(full_run, mcfg, tok, tmp_pa
     # on near-zero gradients into steps of up to lr; a lost optimizer state would differ by far more)
     for x, y in zip(params_of(full_run[2]), params_of(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
-
-
-def test_a_fresh_run_compiles_its_step_once(mcfg, tok, tmp_path, caplog):
-    """As the demo starts: a new model on a one-device mesh. The state's scalars (the step,
-    Adam's counts) start on the mesh too, or the second step sees new input types and the
-    step compiles again (20 s a stage on two cores)."""
-    import logging
-
-    from unipic_jax import sharding
-
-    mesh = sharding.make_mesh({"fsdp": -1}, devices=jax.devices()[:1])
-    model = sharding.create_sharded(lambda: U.UniPic(mcfg, rngs=nnx.Rngs(0)), mesh)
-    t = trainer(model, mcfg, tok, tmp_path)
-    t.stages = t.stages[1:]  # the generation stage, 3 steps
-    with caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"), jax.log_compiles():
-        assert t.run().steps == 3
-    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
-    assert len(compiles) == 1, [r.getMessage()[:300] for r in compiles]
 
 
 def test_loss_decreases_on_a_fixed_batch(mcfg, tok):
