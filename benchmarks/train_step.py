@@ -11,7 +11,7 @@ examples/s. ``memory``: the CT stage of configs/unipic_1p5b.py lowered and compi
 time with FSDP over N simulated devices; prints XLA's memory analysis per device. XLA:CPU
 does not schedule for memory as the TPU/GPU compilers do, so its temporaries overstate what
 an accelerator needs. ``--batch`` is the examples per task (default: one per device, so each
-device holds the same share at every count). The compile takes 12-30 minutes on two cores
+device holds the same share at every count). The compile takes 12-35 minutes on two cores
 and hardly depends on the device count.
 """
 
