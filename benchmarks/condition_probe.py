@@ -20,7 +20,6 @@ rendering) are what is left to learn.
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unipic_jax import checkpoint
+from benchmarks import common
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import shapes as world
 from unipic_jax.models import mar as mar_lib
@@ -85,15 +84,12 @@ def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, classes: int, steps: 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a model checkpoint (e.g. runs/demo/model)")
-    ap.add_argument("--tokenizer", help="default: the tokenizer folder next to the checkpoint")
+    common.add_checkpoint_args(ap)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--n", type=int, default=600, help="held-out scenes")
     ap.add_argument("--visible", default="0,0.7", help="fractions of tokens visible")
     args = ap.parse_args()
-    tok_dir = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "tokenizer")
-    model = checkpoint.load_model(args.checkpoint)
-    tokenizer = tok_lib.load_tokenizer(tok_dir)
+    model, tokenizer = common.load_checkpoint(args)
     examples = [world.t2i_example(i, "validation", category="colors", sizes=((args.size, args.size),))
                 for i in range(args.n)]
     for visible in (float(v) for v in args.visible.split(",")):

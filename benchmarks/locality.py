@@ -20,13 +20,13 @@ the number of sampling iterations. A diagnostic for the demo.
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unipic_jax import checkpoint, sample
+from benchmarks import common
+from unipic_jax import sample
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import shapes as world
 from unipic_jax.eval import shapes as shapes_eval
@@ -100,15 +100,12 @@ def iterations(model, tok, size: int, per_category: int, cfg: float):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a model checkpoint (e.g. runs/demo/model)")
-    ap.add_argument("--tokenizer", help="default: the tokenizer folder next to the checkpoint")
+    common.add_checkpoint_args(ap)
     ap.add_argument("--size", type=int, default=48)
     ap.add_argument("--per_category", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=3.0)
     args = ap.parse_args()
-    tok_dir = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "tokenizer")
-    model = checkpoint.load_model(args.checkpoint)
-    tok = tok_lib.load_tokenizer(tok_dir)
+    model, tok = common.load_checkpoint(args)
     vae_locality(model, args.size)
     token_precision(model, tok, args.size)
     iterations(model, tok, args.size, args.per_category, args.cfg)

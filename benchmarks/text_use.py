@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 
 import numpy as np
 
-from unipic_jax import checkpoint, sample
-from unipic_jax import tokenizer as tok_lib
+from benchmarks import common
+from unipic_jax import sample
 from unipic_jax.data import shapes as world
 from unipic_jax.eval import shapes as shapes_eval
 from unipic_jax.rewards import shapes as scorer
@@ -48,17 +47,14 @@ def family(model, tokenizer, prompts, hit, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a model checkpoint (e.g. runs/demo/model)")
-    ap.add_argument("--tokenizer", help="default: the tokenizer folder next to the checkpoint")
+    common.add_checkpoint_args(ap)
     ap.add_argument("--size", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--num_iter", type=int, default=16)
     ap.add_argument("--out", default="text_use.png")
     args = ap.parse_args()
-    tok_dir = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "tokenizer")
-    model = checkpoint.load_model(args.checkpoint)
-    tokenizer = tok_lib.load_tokenizer(tok_dir)
+    model, tokenizer = common.load_checkpoint(args)
     shapes, colours = list(world.SHAPES), list(world.COLORS)
     grids = []
     for name, prompts, hit in (
