@@ -46,6 +46,7 @@ def speed_child(steps: int):
     stage = Stage.from_config("gen32", cfg.stages.gen32, mc, 0)
     pipe = P.Pipeline(run.build_sources(cfg, ["t2i"]), stage.data, tok, process_index=0, process_count=1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = sharding.pure(params)  # as the trainer holds them
     tx = stage.optimizer(params)
     ctx = jax.set_mesh(mesh) if mesh is not None else None
     if ctx:

@@ -66,6 +66,23 @@ def test_create_sharded_places_params_and_constrain_is_noop_without_mesh():
     assert sharding.constrain(x, ("batch", "act_embed")) is x
 
 
+def test_pure_state_keeps_values_and_shardings_and_merges_back():
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    model = qwen2.init(qwen2.Qwen2Config.preset("tiny"), seed=0, mesh=mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pure = sharding.pure(params)
+    leaves = jax.tree.leaves(pure)
+    assert len(leaves) == len(jax.tree.leaves(params)) and all(isinstance(x, jax.Array) for x in leaves)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    assert not any(is_var(x) for x in jax.tree.leaves(pure, is_leaf=is_var))
+    assert pure["embedder"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    shifted = jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p))(pure)  # through jit and back
+    merged = nnx.merge(graphdef, shifted, rest)
+    assert isinstance(merged.embedder.embedding, nnx.Param)
+    np.testing.assert_array_equal(np.asarray(merged.embedder.embedding[...]),
+                                  np.asarray(model.embedder.embedding[...]) + 1)
+
+
 def test_constrain_shards_activations_inside_jit():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
 

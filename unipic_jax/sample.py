@@ -153,6 +153,7 @@ def sample_latents(
         orders = jnp.concatenate([orders, orders])
 
     graphdef, state = nnx.split(model)
+    state = sharding.pure(state)  # num_iter calls of _step: plain arrays flatten fast
 
     def run():
         cache, x_con = _prefill(graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask),

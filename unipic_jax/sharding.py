@@ -214,6 +214,14 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
 
 
+def pure(state: nnx.State) -> nnx.State:
+    """``state`` with its Variables replaced by their values (an ``nnx.State`` of arrays).
+    ``nnx.merge`` / ``nnx.update`` take it as they take ``state``; ``jit`` flattens it and
+    rebuilds it on every call far faster: for the demo's train state (791 leaves) 1 ms
+    instead of 26, Python time that a step otherwise spends before and after its computation."""
+    return nnx.State(nnx.to_pure_dict(state))
+
+
 def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Module:
     """Runs ``ctor`` under ``jit`` with sharded outputs: no parameter ever exists unsharded.
     Without a mesh, simply ``ctor()``."""

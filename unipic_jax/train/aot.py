@@ -77,7 +77,8 @@ def lower_train_step(cfg, mesh, stage_name: str | None = None, bucket: int = 0):
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
     with jax.set_mesh(mesh):
         shardings = sharding.state_shardings(params, mesh)
-        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        params = sharding.pure(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                            params, shardings))  # as the trainer feeds it
         tx = stage.optimizer(params)
         opt = _opt_shardings(jax.eval_shape(tx.init, params), params, mesh)
         state = {"params": params, "opt": opt, "ema": params if stage.ema else None,

@@ -286,6 +286,7 @@ class Trainer:
         ``max_steps`` global steps have run in this call (a deliberate interruption, as a kill
         would be; the state at that step is checkpointed)."""
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+        params = sharding.pure(params)  # plain arrays: jit's per-step flatten/unflatten stays cheap
         offsets = self.offsets()
         start_stage, start_step, restored = 0, 0, None
         for ckpt_step, meta in self.ckpt.metas():
