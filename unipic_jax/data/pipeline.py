@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -257,13 +258,20 @@ class Pipeline:
 
         return grain.MapDataset.range(self.cfg.num_steps).map(_Load(self))
 
-    def iterator(self, num_workers: int = 0, prefetch: int = 2):
+    def iterator(self, num_workers: int = 0, prefetch: int = 2, read_threads: int | None = None):
         """A checkpointable Grain iterator over host batches from step 0 (``num_workers > 0``:
         worker processes, ``mp_prefetch``). Save ``it.get_state()`` (or Orbax
-        ``grain.checkpoint.CheckpointSave(it)``) and ``set_state`` it to resume exactly."""
+        ``grain.checkpoint.CheckpointSave(it)``) and ``set_state`` it to resume exactly.
+
+        Batches are made ahead by ``read_threads`` threads (default: one per CPU core, at most
+        16), at most ``4 · read_threads`` batches ahead. Grain's own default, 16 threads and
+        500 batches, contends with the train step for the cores of a small machine: the demo's
+        32² stage ran 5-15 % slower with it on two cores."""
         import grain
 
-        ds = self.dataset().to_iter_dataset()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = read_threads or min(16, cores)
+        ds = self.dataset().to_iter_dataset(grain.ReadOptions(num_threads=n, prefetch_buffer_size=4 * n))
         if num_workers > 0:
             from absl import flags
 
