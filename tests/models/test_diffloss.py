@@ -27,6 +27,19 @@ def test_timestep_embedding_closed_form():
     assert DL.timestep_embedding(t, 7).shape == (3, 7)
 
 
+def test_timestep_table_equals_the_mlp_per_token():
+    """More timesteps than the schedule has: each token gathers its row of the MLP run once per
+    schedule step; values and gradients match the MLP run on every token."""
+    emb = DL.TimestepEmbedder(TINY, rngs=nnx.Rngs(0))
+    t = jax.random.randint(jax.random.key(1), (TINY.num_steps + 500,), 0, TINY.num_steps)
+    g, p = nnx.split(emb)
+    table = lambda p: jnp.sum(jnp.sin(nnx.merge(g, p)(t)))  # noqa: E731
+    direct = lambda p: jnp.sum(jnp.sin(nnx.merge(g, p)._mlp(t)))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(emb(t)), np.asarray(emb._mlp(t)), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(table)(p)), jax.tree.leaves(jax.grad(direct)(p))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_release_keys_round_trip_bit_identical():
     model = DL.DiffLoss(TINY, rngs=nnx.Rngs(0))
     km = KeyMap(DL.TORCH_RULES)
