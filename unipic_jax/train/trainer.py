@@ -232,6 +232,10 @@ class Checkpoints:
         self.mgr.close()
 
 
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def _abstract(tree):
     def f(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x
@@ -312,7 +316,7 @@ class Trainer:
                 with _mesh(self.mesh):
                     state = init_state(params, tx, stage, offsets[si] + first)
                     if restored is not None and si == start_stage:
-                        state = self._restore(restored, state, it)
+                        state = self._restore(restored, state, it, stage)
                         log.info("resumed from checkpoint %d (stage %s, step %d)", restored, stage.name, first)
                         restored = None
                     graphdef, _, rest = nnx.split(self.model, nnx.Param, ...)  # the config may have changed
@@ -335,12 +339,29 @@ class Trainer:
             if self.tb is not None:
                 self.tb.flush()
 
-    def _restore(self, ckpt_step, state, it):
+    def _restore(self, ckpt_step, state, it, stage: Stage):
         try:
             return self.ckpt.restore(ckpt_step, _abstract(state), it)
         except Exception as e:
+            try:  # written before the state held plain arrays: parameters as NNX Variables
+                legacy = self.ckpt.restore(ckpt_step, _abstract(self._as_variables(state, stage)), it)
+                log.warning("checkpoint %d holds the state as NNX Variables (an older unipic-jax); converted",
+                            ckpt_step)
+                values = jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, legacy, is_leaf=_is_var)
+                return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(values))
+            except Exception:  # noqa: BLE001  (the first error is the one to report)
+                pass
             raise RuntimeError(f"Checkpoint {ckpt_step} in {self.workdir / 'checkpoints'} does not restore onto this "
                                f"config ({type(e).__name__}: {e}). Move it away to start over.") from e
+
+    def _as_variables(self, state, stage: Stage):
+        """``state`` laid out as the trainer held it before :func:`sharding.pure`: parameters,
+        EMA and the optimizer's moments as NNX Variables (values and shardings kept)."""
+        _, template, _ = nnx.split(self.model, nnx.Param, ...)
+        wrap = lambda p: jax.tree.map(lambda v, x: v.replace(x), template, p, is_leaf=_is_var)  # noqa: E731
+        params = wrap(state["params"])
+        return {**state, "params": params, "opt": jax.jit(stage.optimizer(params).init)(params),
+                "ema": None if state["ema"] is None else wrap(state["ema"])}
 
     def _run_stage(self, si, stage: Stage, state, it, step_fn, first: int, history, budget, view=None):
         offset = self.offsets()[si]
