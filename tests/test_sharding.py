@@ -73,8 +73,7 @@ def test_pure_state_keeps_values_and_shardings_and_merges_back():
     pure = sharding.pure(params)
     leaves = jax.tree.leaves(pure)
     assert len(leaves) == len(jax.tree.leaves(params)) and all(isinstance(x, jax.Array) for x in leaves)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    assert not any(is_var(x) for x in jax.tree.leaves(pure, is_leaf=is_var))
+    assert not any(sharding.is_variable(x) for x in jax.tree.leaves(pure, is_leaf=sharding.is_variable))
     assert pure["embedder"]["embedding"].sharding.spec == P("tensor", "fsdp")
     shifted = jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p))(pure)  # through jit and back
     merged = nnx.merge(graphdef, shifted, rest)

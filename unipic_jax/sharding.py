@@ -196,7 +196,8 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
-def _is_var(x) -> bool:
+def is_variable(x) -> bool:
+    """``is_leaf`` for trees whose NNX Variables are to be handled whole."""
     return isinstance(x, nnx.Variable)
 
 
@@ -211,7 +212,7 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """A state-shaped tree of ``NamedSharding`` (Variables kept as containers)."""
-    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=is_variable)
 
 
 def pure(state: nnx.State) -> nnx.State:

@@ -232,10 +232,6 @@ class Checkpoints:
         self.mgr.close()
 
 
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def _abstract(tree):
     def f(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x
@@ -347,8 +343,7 @@ class Trainer:
                 legacy = self.ckpt.restore(ckpt_step, _abstract(self._as_variables(state, stage)), it)
                 log.warning("checkpoint %d holds the state as NNX Variables (an older unipic-jax); converted",
                             ckpt_step)
-                values = jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, legacy, is_leaf=_is_var)
-                return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(values))
+                return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(legacy))  # Variables → values
             except Exception:  # noqa: BLE001  (the first error is the one to report)
                 pass
             raise RuntimeError(f"Checkpoint {ckpt_step} in {self.workdir / 'checkpoints'} does not restore onto this "
@@ -358,7 +353,7 @@ class Trainer:
         """``state`` laid out as the trainer held it before :func:`sharding.pure`: parameters,
         EMA and the optimizer's moments as NNX Variables (values and shardings kept)."""
         _, template, _ = nnx.split(self.model, nnx.Param, ...)
-        wrap = lambda p: jax.tree.map(lambda v, x: v.replace(x), template, p, is_leaf=_is_var)  # noqa: E731
+        wrap = lambda p: jax.tree.map(lambda v, x: v.replace(x), template, p, is_leaf=sharding.is_variable)  # noqa: E731
         params = wrap(state["params"])
         return {**state, "params": params, "opt": jax.jit(stage.optimizer(params).init)(params),
                 "ema": None if state["ema"] is None else wrap(state["ema"])}
