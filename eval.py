@@ -37,6 +37,8 @@ def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
     import unipic_jax
+
+    unipic_jax.tune_cpu_malloc()  # before anything starts JAX's backend
     from unipic_jax import checkpoint, sample
     from unipic_jax import tokenizer as tok_lib
     from unipic_jax.eval import shapes as shapes_eval

@@ -23,9 +23,10 @@ def main(argv):
     logging.getLogger("unipic_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every checkpoint step at INFO
     import unipic_jax
-    from unipic_jax.train import run
 
+    unipic_jax.tune_cpu_malloc()  # before anything starts JAX's backend
     unipic_jax.enable_compilation_cache()
+    from unipic_jax.train import run
 
     summary = run.run(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
     print(run.format_summary(summary) if not summary.get("stopped") else

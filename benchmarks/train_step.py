@@ -110,6 +110,9 @@ def main():
     if args.child:
         import jax
 
+        import unipic_jax
+
+        unipic_jax.tune_cpu_malloc()  # as train.py does
         jax.config.update("jax_num_cpu_devices", args.child)
         return speed_child(args.steps) if args.mode == "speed" else memory_child(args.size, args.batch)
     for n in (int(d) for d in (args.devices or ("1,8" if args.mode == "speed" else "8")).split(",")):
