@@ -112,8 +112,8 @@ def main():
 
         import unipic_jax
 
-        unipic_jax.tune_cpu_malloc()  # as train.py does
         jax.config.update("jax_num_cpu_devices", args.child)
+        unipic_jax.tune_cpu_malloc()  # as train.py does (on one device only)
         return speed_child(args.steps) if args.mode == "speed" else memory_child(args.size, args.batch)
     for n in (int(d) for d in (args.devices or ("1,8" if args.mode == "speed" else "8")).split(",")):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}

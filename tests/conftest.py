@@ -12,8 +12,6 @@ import jax  # noqa: E402
 import unipic_jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-# XLA:CPU's per-call buffers stay in the process (see unipic_jax.tune_cpu_malloc)
-unipic_jax.tune_cpu_malloc()
 # XLA:CPU compiles are most of the suite's time; keep them between runs
 unipic_jax.enable_compilation_cache(min_compile_secs=0.1)
 

@@ -13,6 +13,7 @@ PROBE = """
 import json, resource
 import jax, jax.numpy as jnp
 import unipic_jax
+jax.config.update("jax_num_cpu_devices", DEVICES)
 tuned = unipic_jax.tune_cpu_malloc()
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0) @ x)  # a 4096 x 4096 f32 temporary: 64 MB
 x = jnp.ones((4096, 16))
@@ -24,9 +25,10 @@ print(json.dumps({"tuned": tuned, "faults": (resource.getrusage(resource.RUSAGE_
 """
 
 
-def _probe(setting: str) -> dict:
+def _probe(setting: str, devices: int = 1) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "UNIPIC_JAX_CPU_MALLOC": setting}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    code = PROBE.replace("DEVICES", str(devices))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -36,6 +38,11 @@ def test_large_temporaries_stop_faulting_pages_in_every_call():
     # glibc's default maps the 64 MB block afresh per call: ~16 k faults of 4 kB pages
     assert default["faults"] > 8000, default
     assert tuned["faults"] < default["faults"] / 10, (default, tuned)
+
+
+def test_left_alone_with_several_cpu_devices():
+    # there each device's share of a block is small enough for glibc's own reuse
+    assert not _probe("", devices=8)["tuned"]
 
 
 def test_too_late_once_the_backend_runs():

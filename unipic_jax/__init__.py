@@ -30,16 +30,20 @@ def tune_cpu_malloc() -> bool:
     process keeps its peak heap instead of returning it.
 
     Acts only with glibc, before JAX's backend starts (its threads pick their arena on first
-    use; afterwards this is too late and returns False), and when the backend will be the CPU:
-    ``JAX_PLATFORMS`` / ``jax_platforms`` name ``cpu`` first, or no TPU/GPU plugin is installed.
-    ``UNIPIC_JAX_CPU_MALLOC=default`` turns it off. ``train.py``, ``eval.py`` and the tests
-    call it first thing.
+    use; afterwards this is too late and returns False), and when the backend will be one CPU
+    device: ``JAX_PLATFORMS`` / ``jax_platforms`` name ``cpu`` first or no TPU/GPU plugin is
+    installed, and neither ``jax_num_cpu_devices`` nor ``--xla_force_host_platform_device_count``
+    asks for more than one. With 8 simulated devices each device's block is an eighth, below
+    glibc's 32 MB mmap threshold, so the default allocator already reuses it, and the one arena
+    made the demo's step slower (250 → 310-460 ms). ``UNIPIC_JAX_CPU_MALLOC=default`` turns it
+    off. ``train.py``, ``eval.py`` and ``benchmarks/train_step.py`` call it first thing.
     """
     import ctypes
     import importlib.metadata
     import importlib.util
     import os
     import platform
+    import re
 
     import jax
 
@@ -52,6 +56,9 @@ def tune_cpu_malloc() -> bool:
             return False  # backend threads exist already
     except ImportError:
         pass
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if jax.config.jax_num_cpu_devices > 1 or (forced and int(forced.group(1)) > 1):
+        return False
     platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
     if platforms:
         if platforms.split(",")[0].strip() != "cpu":
