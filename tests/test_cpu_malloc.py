@@ -5,15 +5,12 @@ import os
 import subprocess
 import sys
 
-import jax
-
-import unipic_jax
-
 PROBE = """
 import json, resource
 import jax, jax.numpy as jnp
 import unipic_jax
 jax.config.update("jax_num_cpu_devices", DEVICES)
+BEFORE
 tuned = unipic_jax.tune_cpu_malloc()
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0) @ x)  # a 4096 x 4096 f32 temporary: 64 MB
 x = jnp.ones((4096, 16))
@@ -25,9 +22,9 @@ print(json.dumps({"tuned": tuned, "faults": (resource.getrusage(resource.RUSAGE_
 """
 
 
-def _probe(setting: str, devices: int = 1) -> dict:
+def _probe(setting: str, devices: int = 1, backend_first: bool = False) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "UNIPIC_JAX_CPU_MALLOC": setting}
-    code = PROBE.replace("DEVICES", str(devices))
+    code = PROBE.replace("DEVICES", str(devices)).replace("BEFORE", "jax.devices()" if backend_first else "")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -46,5 +43,5 @@ def test_left_alone_with_several_cpu_devices():
 
 
 def test_too_late_once_the_backend_runs():
-    jax.devices()
-    assert unipic_jax.tune_cpu_malloc() is False
+    late = _probe("", backend_first=True)
+    assert not late["tuned"] and late["faults"] > 8000, late
