@@ -16,8 +16,8 @@ Text-to-image (MAR's masked autoregression, as in the release's ``sample``):
 
 All counts are known before sampling, so each step is one compiled function of static
 shape (the sampled tokens are gathered into ``max_k (m_k − m_{k+1})`` slots): one compile
-per (batch, prompt length, resolution, ``num_iter``), reused across steps and calls. The
-loop runs in Python, which gives the progress bar. Randomness comes only from ``seed``.
+per (batch, prompt length rounded up to ``PROMPT_MULTIPLE``, resolution, ``num_iter``),
+reused across steps and calls. The loop runs in Python, which gives the progress bar. Randomness comes only from ``seed``.
 
 Editing: the source image is VAE-encoded and run through the unmasked MAR encoder; its
 ``z_enc`` fills the ``<image>`` slots of ``<image>\\n{instruction}`` (unconditional:
@@ -49,6 +49,9 @@ from unipic_jax.models.mar import mask_schedule
 from unipic_jax.models.unipic import UniPic
 
 CFG_SCHEDULES = ("constant", "linear")
+# prompts are padded to a multiple of this many tokens, so that batches of similar prompts share one
+# compiled step; positions follow each row's own length, so the padding moves only the last float bits
+PROMPT_MULTIPLE = 16
 
 
 def cfg_scales(cfg: float, schedule: str, length: int, clamped: np.ndarray) -> np.ndarray:
@@ -198,7 +201,8 @@ def _size(model: UniPic, size) -> tuple[int, int, tuple[int, int]]:
     return H, W, (H // f, W // f)
 
 
-def _tokenize(model: UniPic, tokenizer, texts: Sequence[str], image_slots: int = 0):
+def _tokenize(model: UniPic, tokenizer, texts: Sequence[str], image_slots: int = 0, multiple: int = 1):
+    """Right-padded ``(ids, mask)``, ``T`` rounded up to a ``multiple``."""
     image_id = model.config.image_token_id
     rows = []
     for t in texts:
@@ -209,7 +213,7 @@ def _tokenize(model: UniPic, tokenizer, texts: Sequence[str], image_slots: int =
                                  f"but the model's image_token_id is {image_id}")
             ids = tok_lib.expand_image_tokens(ids, image_id, image_slots)
         rows.append(ids)
-    T = max(len(r) for r in rows)
+    T = -(-max(len(r) for r in rows) // multiple) * multiple
     ids = np.full((len(rows), T), tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(rows), T), bool)
     for i, r in enumerate(rows):
@@ -225,7 +229,7 @@ def text_to_image(model: UniPic, tokenizer, prompts: Sequence[str], *, size=256,
     texts = [tok_lib.generation_prompt(p) for p in prompts]
     if cfg != 1.0:
         texts += [tok_lib.generation_prompt(None)] * len(prompts)
-    ids, mask = _tokenize(model, tokenizer, texts)
+    ids, mask = _tokenize(model, tokenizer, texts, multiple=PROMPT_MULTIPLE)
     latents = sample_latents(model, ids, mask, grid=grid, seed=seed, num_iter=num_iter, cfg=cfg,
                              cfg_schedule=cfg_schedule, temperature=temperature, progress=progress)
     return decode(model, latents)
@@ -244,7 +248,7 @@ def edit(model: UniPic, tokenizer, images, instructions: Sequence[str], *, size=
     texts = [tok_lib.edit_prompt(i) for i in instructions]
     if cfg != 1.0:
         texts += [tok_lib.edit_prompt(None)] * len(instructions)
-    ids, mask = _tokenize(model, tokenizer, texts, image_slots=slots)
+    ids, mask = _tokenize(model, tokenizer, texts, image_slots=slots, multiple=PROMPT_MULTIPLE)
     latents = sample_latents(model, ids, mask, grid=grid, seed=seed, num_iter=num_iter, cfg=cfg,
                              cfg_schedule=cfg_schedule, temperature=temperature, source_latents=source,
                              progress=progress)
