@@ -17,7 +17,8 @@ Text-to-image (MAR's masked autoregression, as in the release's ``sample``):
 All counts are known before sampling, so each step is one compiled function of static
 shape (the sampled tokens are gathered into ``max_k (m_k − m_{k+1})`` slots): one compile
 per (batch, prompt length rounded up to ``PROMPT_MULTIPLE``, resolution, ``num_iter``),
-reused across steps and calls. The loop runs in Python, which gives the progress bar. Randomness comes only from ``seed``.
+reused across steps and calls. The loop runs in Python, which gives the progress bar.
+Randomness comes only from ``seed``.
 
 Editing: the source image is VAE-encoded and run through the unmasked MAR encoder; its
 ``z_enc`` fills the ``<image>`` slots of ``<image>\\n{instruction}`` (unconditional:
