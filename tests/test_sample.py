@@ -83,7 +83,7 @@ def test_extra_prompt_padding_changes_nothing(model):
     """``text_to_image`` pads prompts to a multiple of ``PROMPT_MULTIPLE``: positions follow
     each row's own length, so padded columns must not change the sample."""
     ids, mask = prompts(2)
-    pad = 16 - ids.shape[1]
+    pad = S.PROMPT_MULTIPLE - ids.shape[1] % S.PROMPT_MULTIPLE
     ids2 = np.concatenate([ids, np.full((ids.shape[0], pad), 1, np.int32)], 1)
     mask2 = np.concatenate([mask, np.zeros((ids.shape[0], pad), bool)], 1)
     a = S.sample_latents(model, ids, mask, grid=GRID, seed=5, num_iter=4)
