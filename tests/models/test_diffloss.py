@@ -74,8 +74,10 @@ def test_cfg_batch_layout():
     np.testing.assert_allclose(out[:, 4:], plain[:, 4:])  # each half keeps its own variance
 
 
-def test_loss_decreases_and_sampling_is_deterministic():
-    model = DL.DiffLoss(TINY, rngs=nnx.Rngs(2))
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_decreases_and_sampling_is_deterministic(prediction):
+    model = DL.DiffLoss(TINY.replace(prediction=prediction), rngs=nnx.Rngs(2))
+    assert model.train_schedule.prediction == model.sample_schedule.prediction == prediction
     rs = np.random.RandomState(3)
     z = jnp.asarray(rs.randn(16, 12), jnp.float32)
     target = jnp.tanh(z[:, :4] * 2)  # a deterministic function of the condition

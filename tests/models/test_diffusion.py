@@ -115,3 +115,44 @@ def test_sampling_with_a_perfect_denoiser_recovers_the_data():
     again = D.p_sample_loop(s, net, noise, jax.random.key(1))
     np.testing.assert_array_equal(x, again)
     assert math.isfinite(float(jnp.sum(x)))
+
+
+@pytest.mark.parametrize("prediction,diffusers_type", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_predictions_match_diffusers_ddpm(prediction, diffusers_type):
+    """``x̂0``, the training target and the last reverse step for both parametrisations, against
+    diffusers' DDPMScheduler on the same betas."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    s = D.make_schedule(1000, max_beta=0.2, prediction=prediction)
+    ref = DDPMScheduler(num_train_timesteps=1000, trained_betas=s.betas.tolist(), prediction_type=diffusers_type,
+                        clip_sample=False)
+    rs = np.random.RandomState(3)
+    x0, noise, pred = (rs.randn(4, 6).astype(np.float32) for _ in range(3))
+    t = np.array([0, 7, 500, 999])
+    xt = D.q_sample(s, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
+    target = D.prediction_target(s, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
+    want = noise if prediction == "eps" else ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise),
+                                                             torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(target, want, rtol=1e-5, atol=1e-5)
+    x0_hat = D.predicted_x0(s, jnp.asarray(pred), xt, jnp.asarray(t))
+    for i, ti in enumerate(t):
+        out = ref.step(torch.from_numpy(pred[i:i + 1]), int(ti), torch.from_numpy(np.asarray(xt[i:i + 1])))
+        np.testing.assert_allclose(x0_hat[i], out.pred_original_sample[0].numpy(), rtol=2e-4, atol=2e-4)
+        if ti == 0:  # no noise at the last step: the sample is the model mean
+            out_full = jnp.concatenate([jnp.asarray(pred[i:i + 1]), jnp.zeros((1, 6))], -1)
+            mean, _, _ = D.p_mean_variance(s, out_full, xt[i:i + 1], jnp.asarray(t[i:i + 1]))
+            np.testing.assert_allclose(mean[0], out.prev_sample[0].numpy(), rtol=1e-4, atol=1e-5)
+    # a perfect prediction has zero MSE and the same variational bound as a perfect ε̂
+    loss, parts = D.training_losses(s, lambda x, tt: jnp.concatenate([target, jnp.zeros_like(target)], -1),
+                                    jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
+    np.testing.assert_allclose(parts["mse"], 0.0, atol=1e-10)
+    eps_s = D.make_schedule(1000, max_beta=0.2)
+    _, vb_eps = D.training_losses(eps_s, lambda x, tt: jnp.concatenate([jnp.asarray(noise), jnp.zeros((4, 6))], -1),
+                                  jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
+    np.testing.assert_allclose(parts["vb"], vb_eps["vb"], rtol=1e-3, atol=1e-5)
+
+
+def test_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        D.make_schedule(1000, prediction="x0")

@@ -8,7 +8,8 @@ SimpleMLPAdaLN (width ``W``, ``depth`` residual blocks)::
     h = h + gate · MLP(LN(h) · (1 + scale) + shift)      (shift, scale, gate) = Linear(SiLU(y))   × depth
     out = Linear(LN₀(h) · (1 + scale) + shift)           LN₀ without affine; (shift, scale) = Linear(SiLU(y))
 
-``out`` has ``2C`` channels: ``ε̂`` and the learned-range variance (``diffusion.py``).
+``out`` has ``2C`` channels: ``ε̂`` (or the velocity, ``prediction="v"``) and the learned-range
+variance (``diffusion.py``).
 Training (:meth:`DiffLoss.loss`) repeats every token ``batch_mul`` times with fresh ``t`` and
 noise and averages the loss over masked tokens; sampling (:meth:`DiffLoss.sample`) runs the
 respaced DDPM chain, with classifier-free guidance on ``ε`` when the batch is
@@ -48,6 +49,7 @@ class DiffLossConfig(PresetConfig):
     num_steps: int = 1000
     max_beta: float = 0.2  # UniPic-1; MAR and Harmon use 0.999
     sampling_steps: str = "100"
+    prediction: str = "eps"  # the first C output channels: "eps" (MAR, UniPic) or "v" (diffusion.py)
     batch_mul: int = 4
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -171,8 +173,8 @@ class SimpleMLPAdaLN(nnx.Module):
 
 
 @functools.cache
-def _schedule(num_steps: int, max_beta: float, respacing: str | None) -> diffusion.Schedule:
-    return diffusion.make_schedule(num_steps, "cosine", max_beta, respacing)
+def _schedule(num_steps: int, max_beta: float, respacing: str | None, prediction: str) -> diffusion.Schedule:
+    return diffusion.make_schedule(num_steps, "cosine", max_beta, respacing, prediction)
 
 
 class DiffLoss(nnx.Module):
@@ -182,11 +184,12 @@ class DiffLoss(nnx.Module):
 
     @property
     def train_schedule(self) -> diffusion.Schedule:
-        return _schedule(self.config.num_steps, self.config.max_beta, None)
+        return _schedule(self.config.num_steps, self.config.max_beta, None, self.config.prediction)
 
     @property
     def sample_schedule(self) -> diffusion.Schedule:
-        return _schedule(self.config.num_steps, self.config.max_beta, self.config.sampling_steps)
+        return _schedule(self.config.num_steps, self.config.max_beta, self.config.sampling_steps,
+                         self.config.prediction)
 
     def loss(self, target, z, mask, key) -> jax.Array:
         """Mean diffusion loss over tokens with ``mask == 1``. ``target (N, C)``, ``z (N, Z)``,

@@ -10,6 +10,15 @@ learned-range variance, ``log σ²_t = ½(v+1)·log β_t + ½(1−v)·log β̃_t
 posterior variance). Training loss = ``mean‖ε − ε̂‖²`` + the variational-bound term (KL of
 the true posterior to the model's, in bits, with ``ε̂`` frozen; the decoder NLL at ``t=0``).
 
+``Schedule.prediction`` chooses what the first ``C`` channels are: ``"eps"`` (MAR, UniPic) or
+``"v"``, the velocity (called ``v`` in the literature; written ``u`` here, where ``v`` is the
+variance channel): with ``x_t = a·x0 + b·ε`` (``a = √ᾱ_t``, ``b = √(1−ᾱ_t)``),
+``u = a·ε − b·x0``, so ``x̂0 = a·x_t − b·û`` and ``ε̂ = b·x_t + a·û``; the MSE is then taken on
+``u``. Both are exact reparametrisations of the same reverse step; they differ in the error
+that one unit of network error makes in ``x̂0``: ``(b/a)·`` for ``ε`` (unbounded at high
+noise), ``b·`` for ``u``. ``ε̂`` is linear in ``û`` at a fixed ``x_t``, so classifier-free
+guidance on ``u`` is guidance on ``ε``.
+
 Sampling is DDPM over a respaced subset of the steps (``"100"`` of 1000: evenly spaced,
 rounded) whose betas are recomputed from the kept ``ᾱ``; the network is fed the ORIGINAL
 step index. A reverse step is ``x_{t−1} = μ + temperature·σ·z`` (no noise at the last
@@ -75,14 +84,20 @@ def spaced_steps(num_steps: int, spec: str | int) -> np.ndarray:
     return np.array(sorted(set(kept)))
 
 
+PREDICTIONS = ("eps", "v")
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Precomputed tables of a (possibly respaced) diffusion. Build with :func:`make_schedule`."""
 
     betas: np.ndarray
     timestep_map: np.ndarray  # step index -> the original step index fed to the network
+    prediction: str = "eps"  # what the network's first C channels are: "eps" or "v"
 
     def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         b = self.betas
         ac = np.cumprod(1.0 - b)
         ac_prev = np.append(1.0, ac[:-1])
@@ -116,7 +131,7 @@ class Schedule:
 
 
 def make_schedule(num_steps: int = 1000, noise: str = "cosine", max_beta: float = 0.2,
-                  respacing: str | int | None = None) -> Schedule:
+                  respacing: str | int | None = None, prediction: str = "eps") -> Schedule:
     """The training schedule, or its respaced version for sampling (``respacing="100"``)."""
     if noise == "cosine":
         betas = cosine_betas(num_steps, max_beta)
@@ -125,14 +140,14 @@ def make_schedule(num_steps: int = 1000, noise: str = "cosine", max_beta: float 
     else:
         raise ValueError(f"noise must be 'cosine' or 'linear', got {noise!r}")
     if respacing is None or str(respacing) == str(num_steps):
-        return Schedule(betas, np.arange(num_steps))
+        return Schedule(betas, np.arange(num_steps), prediction)
     keep = spaced_steps(num_steps, respacing)
     ac = np.cumprod(1.0 - betas)
     new_betas, last = [], 1.0
     for i in keep:
         new_betas.append(1.0 - ac[i] / last)
         last = ac[i]
-    return Schedule(np.asarray(new_betas), keep)
+    return Schedule(np.asarray(new_betas), keep, prediction)
 
 
 # -- forward process ----------------------------------------------------------------------
@@ -152,14 +167,29 @@ def q_posterior(s: Schedule, x0, xt, t):
 # -- model side ---------------------------------------------------------------------------
 
 
+def predicted_x0(s: Schedule, pred, xt, t):
+    """``x̂0`` from the network's prediction (``s.prediction``) at ``x_t``."""
+    if s.prediction == "v":
+        return s.at("sqrt_alphas_cumprod", t, xt.ndim) * xt - s.at("sqrt_one_minus_alphas_cumprod", t, xt.ndim) * pred
+    return s.at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt - s.at("sqrt_recipm1_alphas_cumprod", t, xt.ndim) * pred
+
+
+def prediction_target(s: Schedule, x0, t, noise):
+    """What the network should predict for ``x0`` noised with ``noise`` at ``t``."""
+    if s.prediction == "v":
+        return s.at("sqrt_alphas_cumprod", t, x0.ndim) * noise - s.at("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
+    return noise
+
+
 def p_mean_variance(s: Schedule, model_out, xt, t):
-    """From the network output ``[ε̂, v]`` (last axis ``2C``): model mean, log-variance, x̂0."""
-    eps, v = jnp.split(model_out.astype(jnp.float32), 2, axis=-1)
+    """From the network output ``[prediction, v]`` (last axis ``2C``): model mean,
+    log-variance, x̂0."""
+    pred, v = jnp.split(model_out.astype(jnp.float32), 2, axis=-1)
     min_log = s.at("posterior_log_variance_clipped", t, xt.ndim)
     max_log = s.at("log_betas", t, xt.ndim)
     frac = (v + 1.0) / 2.0
     log_var = frac * max_log + (1.0 - frac) * min_log
-    x0 = s.at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt - s.at("sqrt_recipm1_alphas_cumprod", t, xt.ndim) * eps
+    x0 = predicted_x0(s, pred, xt, t)
     mean, _ = q_posterior(s, x0, xt, t)
     return mean, log_var, x0
 
@@ -190,15 +220,15 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 def training_losses(s: Schedule, net: Callable, x0, t, noise):
     """Per-example loss ``mse + vb`` (means over the non-batch axes), and the two parts.
 
-    ``net(x_t, t)`` returns ``[ε̂, v]``; ``t`` are indices into ``s`` (for the training
-    schedule, the original steps)."""
+    ``net(x_t, t)`` returns ``[prediction, v]`` (``ε̂`` for ``s.prediction == "eps"``); ``t``
+    are indices into ``s`` (for the training schedule, the original steps)."""
     xt = q_sample(s, x0, t, noise)
     out = net(xt, t).astype(jnp.float32)
-    eps, v = jnp.split(out, 2, axis=-1)
+    pred, v = jnp.split(out, 2, axis=-1)
     axes = tuple(range(1, x0.ndim))
-    mse = jnp.mean((noise - eps) ** 2, axis=axes)
-    # the variational bound trains only the variance: the mean comes from a frozen ε̂
-    frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
+    mse = jnp.mean((prediction_target(s, x0, t, noise) - pred) ** 2, axis=axes)
+    # the variational bound trains only the variance: the mean comes from a frozen prediction
+    frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
     mean, log_var, _ = p_mean_variance(s, frozen, xt, t)
     true_mean, true_log_var = q_posterior(s, x0, xt, t)
     kl = jnp.mean(normal_kl(true_mean, true_log_var, mean, log_var), axis=axes) / math.log(2.0)
