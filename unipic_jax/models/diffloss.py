@@ -54,6 +54,10 @@ class DiffLossConfig(PresetConfig):
     dtype: str = "float32"
     param_dtype: str = "float32"
 
+    def __post_init__(self):
+        if self.prediction not in diffusion.PREDICTIONS:
+            raise ValueError(f"DiffLossConfig.prediction={self.prediction!r}; choose from {diffusion.PREDICTIONS}")
+
 
 PRESETS = {
     "unipic": DiffLossConfig(),
