@@ -144,8 +144,8 @@ def test_predictions_match_diffusers_ddpm(prediction, diffusers_type):
             mean, _, _ = D.p_mean_variance(s, out_full, xt[i:i + 1], jnp.asarray(t[i:i + 1]))
             np.testing.assert_allclose(mean[0], out.prev_sample[0].numpy(), rtol=1e-4, atol=1e-5)
     # a perfect prediction has zero MSE and the same variational bound as a perfect ε̂
-    loss, parts = D.training_losses(s, lambda x, tt: jnp.concatenate([target, jnp.zeros_like(target)], -1),
-                                    jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
+    _, parts = D.training_losses(s, lambda x, tt: jnp.concatenate([target, jnp.zeros_like(target)], -1),
+                                 jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
     np.testing.assert_allclose(parts["mse"], 0.0, atol=1e-10)
     eps_s = D.make_schedule(1000, max_beta=0.2)
     _, vb_eps = D.training_losses(eps_s, lambda x, tt: jnp.concatenate([jnp.asarray(noise), jnp.zeros((4, 6))], -1),
