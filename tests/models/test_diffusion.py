@@ -156,7 +156,7 @@ def test_predictions_match_diffusers_ddpm(prediction, diffusers_type):
 def test_unknown_prediction_is_refused():
     from unipic_jax.models.diffloss import DiffLossConfig
 
-    with pytest.raises(ValueError, match="prediction must be one of"):
+    with pytest.raises(ValueError, match=r"^prediction='x0'; choose from \('eps', 'v'\)"):
         D.make_schedule(1000, prediction="x0")
     with pytest.raises(ValueError, match=r"DiffLossConfig.prediction='x0'; choose from \('eps', 'v'\)"):
         DiffLossConfig(prediction="x0")

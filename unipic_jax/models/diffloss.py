@@ -55,8 +55,7 @@ class DiffLossConfig(PresetConfig):
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.prediction not in diffusion.PREDICTIONS:
-            raise ValueError(f"DiffLossConfig.prediction={self.prediction!r}; choose from {diffusion.PREDICTIONS}")
+        diffusion.check_prediction(self.prediction, "DiffLossConfig.prediction")
 
 
 PRESETS = {

@@ -87,6 +87,12 @@ def spaced_steps(num_steps: int, spec: str | int) -> np.ndarray:
 PREDICTIONS = ("eps", "v")
 
 
+def check_prediction(value: str, name: str = "prediction") -> None:
+    """Raises ``ValueError`` naming ``name`` and the choices unless ``value`` is in :data:`PREDICTIONS`."""
+    if value not in PREDICTIONS:
+        raise ValueError(f"{name}={value!r}; choose from {PREDICTIONS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Precomputed tables of a (possibly respaced) diffusion. Build with :func:`make_schedule`."""
@@ -96,8 +102,7 @@ class Schedule:
     prediction: str = "eps"  # what the network's first C channels are: "eps" or "v"
 
     def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        check_prediction(self.prediction)
         b = self.betas
         ac = np.cumprod(1.0 - b)
         ac_prev = np.append(1.0, ac[:-1])
