@@ -96,6 +96,20 @@ def test_mask_ratio_is_the_truncated_normal():
     assert len(set(counts.tolist())) == 1 and 0.7 * 64 <= counts[0] <= 64  # one ratio per batch
 
 
+def test_wide_mask_ratios_cover_every_share():
+    """``mask_ratio_std`` large on ``[0, 1]``: near-uniform ratios, so training sees the dense
+    contexts of late sampling steps; out-of-range settings are refused."""
+    r = np.asarray(jax.vmap(lambda k: M.sample_mask_ratio(k, 0.0, 100.0))(jax.random.split(jax.random.key(1), 20000)))
+    assert r.min() >= 0.0 and r.max() <= 1.0
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(r, q) - q) < 0.02
+    m = jax.vmap(lambda k: M.training_mask(k, 1, 64, 0.0, 100.0))(jax.random.split(jax.random.key(2), 500))
+    assert int(np.asarray(m).sum(-1).min()) <= 8  # mostly visible masks occur
+    for bad in (dict(mask_ratio_min=1.0), dict(mask_ratio_min=-0.1), dict(mask_ratio_std=0.0)):
+        with pytest.raises(ValueError, match="training mask ratios"):
+            M.MARConfig.preset("tiny").replace(**bad)
+
+
 def test_sampling_schedule():
     masked, clamped = M.mask_schedule(16, 4)
     seq = masked[1:].tolist()

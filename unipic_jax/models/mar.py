@@ -58,6 +58,9 @@ class MARConfig(PresetConfig):
     buffer_size: int = 64
     grid: int = 32  # side of the token grid the position embeddings are learned for (512 / 16)
     mask_ratio_min: float = 0.7
+    # training mask ratios: N(1, mask_ratio_std²) truncated to [mask_ratio_min, 1] (MAR: 0.25 on [0.7, 1]);
+    # a large std on [0, 1] is near-uniform, the visible share each token has when it is sampled
+    mask_ratio_std: float = 0.25
     pos_init: str = "normal"  # position tables at init: "normal" (σ 0.02, as MAR) or "sincos" (2-D, MAE)
     # "alibi": 2-D ALiBi in every block, see distance_bias (MAR and the release have none)
     attn_bias: str = "none"
@@ -74,6 +77,9 @@ class MARConfig(PresetConfig):
             raise ValueError(f"attn_bias={self.attn_bias!r}; choose from {ATTN_BIASES}")
         if self.pos_init == "sincos" and self.width % 4:
             raise ValueError(f"pos_init='sincos' needs a width divisible by 4, got {self.width}")
+        if not (0.0 <= self.mask_ratio_min < 1.0 and self.mask_ratio_std > 0.0):
+            raise ValueError(f"training mask ratios need 0 <= mask_ratio_min < 1 and mask_ratio_std > 0, got "
+                             f"{self.mask_ratio_min} and {self.mask_ratio_std}")
 
 
 POS_INITS = ("normal", "sincos")
@@ -259,9 +265,9 @@ class MAR(nnx.Module):
 # -- masking -------------------------------------------------------------------------------
 
 
-def sample_mask_ratio(key, mask_ratio_min: float = 0.7) -> jax.Array:
-    """One ratio per batch from N(1, 0.25²) truncated to ``[mask_ratio_min, 1]``."""
-    return 1.0 + 0.25 * jax.random.truncated_normal(key, (mask_ratio_min - 1.0) / 0.25, 0.0)
+def sample_mask_ratio(key, mask_ratio_min: float = 0.7, std: float = 0.25) -> jax.Array:
+    """One ratio per batch from N(1, std²) truncated to ``[mask_ratio_min, 1]``."""
+    return 1.0 + std * jax.random.truncated_normal(key, (mask_ratio_min - 1.0) / std, 0.0)
 
 
 def random_orders(key, batch: int, length: int) -> jax.Array:
@@ -288,10 +294,10 @@ def visible_first(mask: jax.Array, k: int) -> jax.Array:
     return jnp.argsort(mask.astype(bool).astype(jnp.int32), axis=1, stable=True)[:, :k].astype(jnp.int32)
 
 
-def training_mask(key, batch: int, length: int, mask_ratio_min: float = 0.7) -> jax.Array:
+def training_mask(key, batch: int, length: int, mask_ratio_min: float = 0.7, std: float = 0.25) -> jax.Array:
     """MAR's training mask: ``ceil(L · ratio)`` tokens masked along a random order per row."""
     k1, k2 = jax.random.split(key)
-    n = jnp.ceil(length * sample_mask_ratio(k1, mask_ratio_min)).astype(jnp.int32)
+    n = jnp.ceil(length * sample_mask_ratio(k1, mask_ratio_min, std)).astype(jnp.int32)
     return mask_by_order(random_orders(k2, batch, length), n)
 
 

@@ -252,7 +252,7 @@ class UniPic(nnx.Module):
         tokens, _ = self._tokens(latents)
         B, L, C = tokens.shape
         k_mask, k_loss = jax.random.split(key)
-        mask = mar_lib.training_mask(k_mask, B, L, self.config.mar.mask_ratio_min)
+        mask = mar_lib.training_mask(k_mask, B, L, self.config.mar.mask_ratio_min, self.config.mar.mask_ratio_std)
         K = mar_lib.max_visible(L, self.config.mar.mask_ratio_min)
         keep = mar_lib.visible_first(mask, K) if K < L else None
         z = self.condition(latents=latents, mask=mask, x_con=x_con, keep=keep, **prompt)
