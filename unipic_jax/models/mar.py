@@ -59,7 +59,7 @@ class MARConfig(PresetConfig):
     grid: int = 32  # side of the token grid the position embeddings are learned for (512 / 16)
     mask_ratio_min: float = 0.7
     # training mask ratios: N(1, mask_ratio_std²) truncated to [mask_ratio_min, 1] (MAR: 0.25 on [0.7, 1]);
-    # a large std on [0, 1] is near-uniform, the visible share each token has when it is sampled
+    # a large std with mask_ratio_min 0 gives near-uniform ratios, as the visible shares sampling meets
     mask_ratio_std: float = 0.25
     pos_init: str = "normal"  # position tables at init: "normal" (σ 0.02, as MAR) or "sincos" (2-D, MAE)
     # "alibi": 2-D ALiBi in every block, see distance_bias (MAR and the release have none)
