@@ -43,7 +43,7 @@ def token_kinds(images: np.ndarray, f: int) -> np.ndarray:
     return np.where(background, 0, np.where(flat, 1, 2))
 
 
-def precision(model, tok, size: int, n: int, t: int = 900, draws: int = 8, seed: int = 0) -> dict:
+def precision(model, tok, size: int, n: int, t: int = 900, draws: int = 8, seed: int = 0) -> tuple[dict, dict]:
     """``({visible share: {kind: mse}}, {kind: (share of tokens, variance of their latents)})``."""
     ex = [world.t2i_example(i, "validation", category=world.CATEGORIES[i % len(world.CATEGORIES)],
                             sizes=((size, size),)) for i in range(n)]
@@ -79,7 +79,7 @@ def precision(model, tok, size: int, n: int, t: int = 900, draws: int = 8, seed:
         out[share] = {}
         for k, name in enumerate(KINDS):
             sel = masked & (kinds == k)
-            out[share][name] = float(np.mean((est[sel] - target[sel]) ** 2))
+            out[share][name] = float(np.mean((est[sel] - target[sel]) ** 2)) if sel.any() else float("nan")
     return out, stats
 
 
