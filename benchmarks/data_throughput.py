@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def main():
     tokdir = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
     tok = tok_lib.load_tokenizer(tokdir)
     print(f"{'size':>6} {'workers':>7} {'examples/s':>11} {'ms/batch':>9}")
+    rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         q = size * 3 // 4 // 16 * 16
         canvases = ((size, size), (q, size), (size, q))
@@ -48,8 +50,11 @@ def main():
             for _ in range(args.steps):
                 next(it)
             dt = time.perf_counter() - t
+            rows.append({"size": size, "workers": workers, "examples_per_s": args.steps * args.batch / dt,
+                         "ms_per_batch": 1000 * dt / args.steps})
             print(f"{size:>5}² {workers:>7} {args.steps * args.batch / dt:11.1f} {1000 * dt / args.steps:9.1f}",
                   flush=True)
+    print(json.dumps({"batch": args.batch, "steps": args.steps, "results": rows}))
 
 
 if __name__ == "__main__":

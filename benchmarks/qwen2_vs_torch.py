@@ -163,6 +163,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ median of the following calls; ``compile ≈ first − run``. Presets:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -58,6 +59,7 @@ def main():
     print(f"devices: {jax.devices()}  batch {args.batch}, cfg 3.0, float32")
     print(f"{'preset':6} {'params':>8} {'size':>7} {'tokens':>6} {'iters':>5} {'first s':>8} {'compile s':>9} "
           f"{'run s':>7} {'s/image':>8}")
+    rows = []
     for name in args.presets.split(","):
         cfg, sizes = presets()[name]
         if args.sizes:
@@ -72,8 +74,12 @@ def main():
             for k in iters:
                 first = timed(model, ids, mask, grid, k, seed=0)
                 run = statistics.median(timed(model, ids, mask, grid, k, seed=s + 1) for s in range(args.repeats))
+                rows.append({"preset": name, "params": n_params, "size": size, "tokens": grid[0] * grid[1],
+                             "num_iter": k, "first_s": first, "compile_s": max(first - run, 0.0), "run_s": run,
+                             "s_per_image": run / args.batch})
                 print(f"{name:6} {n_params / 1e6:7.1f}M {size:>4}px² {grid[0] * grid[1]:>6} {k:>5} {first:8.2f} "
                       f"{max(first - run, 0.0):9.2f} {run:7.2f} {run / args.batch:8.2f}", flush=True)
+    print(json.dumps({"batch": args.batch, "cfg": 3.0, "dtype": "float32", "results": rows}))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def main():
         jax.config.update("jax_num_cpu_devices", args.child)
         unipic_jax.tune_cpu_malloc()  # as train.py does (on one device only)
         return speed_child(args.steps) if args.mode == "speed" else memory_child(args.size, args.batch)
+    results = []
     for n in (int(d) for d in (args.devices or ("1,8" if args.mode == "speed" else "8")).split(",")):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}
         out = subprocess.run([sys.executable, __file__, args.mode, "--child", str(n), "--steps", str(args.steps),
@@ -122,6 +123,8 @@ def main():
                              text=True, check=False)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         print(lines[-1] if lines else f"devices={n} failed:\n{out.stderr[-2000:]}", flush=True)
+        results.append(json.loads(lines[-1]) if lines else {"devices": n, "failed": True})
+    print(json.dumps({"mode": args.mode, "results": results}))
 
 
 if __name__ == "__main__":

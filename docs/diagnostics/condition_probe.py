@@ -1,6 +1,6 @@
 """What does the diffusion head's condition know? Linear probes on MAR's per-token ``z``.
 
-    python -m benchmarks.condition_probe --checkpoint runs/demo/model [--size 32] [--n 600]
+    python -m docs.diagnostics.condition_probe --checkpoint runs/demo/model [--size 32] [--n 600]
 
 Held-out single-object scenes ("a photo of a red circle"), VAE-encoded; a random fraction of
 each image's tokens is visible (``--visible``, default 0 and 0.7) and :meth:`UniPic.condition`
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import common
+from docs.diagnostics import common
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import shapes as world
 from unipic_jax.models import mar as mar_lib

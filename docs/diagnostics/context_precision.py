@@ -1,6 +1,6 @@
 """How precisely does a trained generator know a token from its context? A diagnostic for the demo.
 
-    python -m benchmarks.context_precision --checkpoint runs/demo/model [--size 48] [--n 64]
+    python -m docs.diagnostics.context_precision --checkpoint runs/demo/model [--size 48] [--n 64]
 
 Held-out text-to-image examples (``--n``, the six GenEval categories in turn) at ``--size``,
 with their prompts; a random share of each image's tokens is visible (0, 30 %, 70 %, 97 %)
@@ -12,7 +12,7 @@ token kind, from the image's 4 × 4 patch under the token: *background* (all whi
 channel (the latents are scaled to unit variance), with each kind's share of the tokens and
 the variance of its true latents. Once a token's neighbours are visible its latent is nearly
 determined, and a model that renders shapes needs an error near 0 there, for interior and
-edge tokens above all; the demo model's is not (README, "The demo").
+edge tokens above all; the demo model's is not (docs/demo.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from docs.diagnostics import common
 from unipic_jax import sample
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import shapes as world

@@ -1,6 +1,6 @@
 """How well does the shapes scorer read images back? Its accuracy on perturbed ground truth.
 
-    python -m benchmarks.scorer_accuracy [--n 300] [--checkpoint runs/demo/model]
+    python -m docs.diagnostics.scorer_accuracy [--n 300] [--checkpoint runs/demo/model]
 
 Held-out text-to-image prompts (``--n``, the six GenEval categories in turn), at the world's
 default 64×64 / 48×64 / 64×48 canvases and at 32×32, scored against their own metadata after

@@ -1,6 +1,6 @@
 """Do training and sampling agree? The demo's generator memorises a few examples, then samples them.
 
-    python -m benchmarks.memorisation --checkpoint runs/demo/model [--n 8] [--steps 1500] [--workdir DIR]
+    python -m docs.diagnostics.memorisation --checkpoint runs/demo/model [--n 8] [--steps 1500] [--workdir DIR]
 
 configs/demo.py's 32² text-to-image stage on its own, with the training set cut to ``--n``
 examples (one batch of them at every step), a fresh generator, and the VAE (with its latent
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main():

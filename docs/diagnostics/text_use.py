@@ -1,6 +1,6 @@
 """How much does a trained generator follow the words of its prompt? A diagnostic for the demo.
 
-    python -m benchmarks.text_use --checkpoint runs/demo/model [--size 48] [--seeds 8] [--cfg 3]
+    python -m docs.diagnostics.text_use --checkpoint runs/demo/model [--size 48] [--seeds 8] [--cfg 3]
 
 Two families of prompts that differ in one word: ``"a photo of a red {shape}"`` for the five
 shapes and ``"a photo of a {colour} circle"`` for the eight colours. Every prompt is sampled
@@ -23,7 +23,7 @@ import itertools
 
 import numpy as np
 
-from benchmarks import common
+from docs.diagnostics import common
 from unipic_jax import sample
 from unipic_jax.data import shapes as world
 from unipic_jax.eval import shapes as shapes_eval

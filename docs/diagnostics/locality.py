@@ -1,7 +1,7 @@
 """Where a trained demo generator loses its shapes: latent locality, per-token precision, and
 the number of sampling iterations. A diagnostic for the demo.
 
-    python -m benchmarks.locality --checkpoint runs/demo/model [--size 48] [--per_category 16]
+    python -m docs.diagnostics.locality --checkpoint runs/demo/model [--size 48] [--per_category 16]
 
 1. **VAE locality.** Three held-out-style scenes at ``--size``: an object alone, with a second
    object added far away, and the empty canvas. Prints the mean change of the background
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from docs.diagnostics import common
 from unipic_jax import sample
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import shapes as world

@@ -1,6 +1,6 @@
 """Does a small MAR learn to use the visible tokens' positions? A control task for ``mar.pos_init``.
 
-    python -m benchmarks.mar_position_init [--steps 600] [--inits normal,sincos]
+    python -m docs.diagnostics.mar_position_init [--steps 600] [--inits normal,sincos]
 
 Every image is an 8 × 8 grid of 4-channel tokens, constant over each 4 × 4 block (one random
 vector per block), so a masked token is known exactly from any visible token of its block and
@@ -11,9 +11,9 @@ its diffusion head (64 × 3) are trained with MAR's masking (ratio from the trun
 [0.7, 1]), AdamW lr 1e-3, batch 16, once per position initialisation. Prints the held-out loss
 at 32 of 64 tokens masked and at all masked, every 100 steps.
 
-On the project's 2-core machine (600 steps, about a minute per initialisation): N(0, 0.02²)
-tables 0.49 → 0.41 at half masked (0.51 with none visible); 2-D sin-cos tables 0.12 by step 300
-and 0.07 at 600.
+On the project's 2-core CPU machine on 2026-12-01 (600 steps, about a minute per
+initialisation): N(0, 0.02²) tables 0.49 → 0.41 at half masked (0.51 with none visible); 2-D
+sin-cos tables 0.12 by step 300 and 0.07 at 600.
 """
 
 from __future__ import annotations

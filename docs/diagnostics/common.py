@@ -1,4 +1,4 @@
-"""What the benchmarks that read a trained model share: the ``--checkpoint`` / ``--tokenizer``
+"""What the diagnostics that read a trained model share: the ``--checkpoint`` / ``--tokenizer``
 flags and loading both (the tokenizer defaults to the folder next to the checkpoint, where
 ``train.py`` puts it)."""
 
