@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from helpers import assert_same_tensors, rand_ids, read_all
 from unipic_jax import convert, sharding
+from unipic_jax.convert import tables
 from unipic_jax.convert.hf import ConversionError
 from unipic_jax.convert.mapping import KeyMap, path_str
 from unipic_jax.models import qwen2
@@ -154,7 +155,7 @@ def test_mapping_table_covers_every_parameter_both_ways():
     for tied in (True, False):
         cfg = qwen2.Qwen2Config.preset("tiny", tie_word_embeddings=tied)
         abstract = nnx.eval_shape(lambda: qwen2.Qwen2(cfg, rngs=nnx.Rngs(0)))
-        km = KeyMap(qwen2.HF_RULES, qwen2.HF_IGNORED)
+        km = KeyMap(tables.QWEN2_HF_RULES, tables.QWEN2_HF_IGNORED)
         torch_keys = []
         for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
             ours = path_str(p)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from helpers import randomize
 
+from unipic_jax.convert import tables
 from unipic_jax.convert.hf import DictSource, load_state
 from unipic_jax.convert.mapping import KeyMap, ours_to_torch, path_str
 from unipic_jax.models import diffloss as DL
@@ -42,7 +43,7 @@ def test_timestep_table_equals_the_mlp_per_token():
 
 def test_release_keys_round_trip_bit_identical():
     model = DL.DiffLoss(TINY, rngs=nnx.Rngs(0))
-    km = KeyMap(DL.TORCH_RULES)
+    km = KeyMap(tables.DIFFLOSS_TORCH_RULES)
     state = {}
     for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         (key, rule), = km.to_torch(path_str(p))
@@ -109,7 +110,7 @@ def test_loss_decreases_and_sampling_is_deterministic(prediction):
 def test_unknown_release_key_is_named(bad):
     abstract = nnx.eval_shape(lambda: DL.DiffLoss(TINY, rngs=nnx.Rngs(0)))
     with pytest.raises(Exception, match=bad.replace(".", r"\.")):
-        load_state(abstract, DictSource({bad: np.zeros(2)}), KeyMap(DL.TORCH_RULES), progress=False)
+        load_state(abstract, DictSource({bad: np.zeros(2)}), KeyMap(tables.DIFFLOSS_TORCH_RULES), progress=False)
 
 
 def test_init_follows_mar():

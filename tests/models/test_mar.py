@@ -8,6 +8,7 @@ import scipy.stats
 import torch
 from flax import nnx
 
+from unipic_jax.convert import tables
 from unipic_jax.convert.hf import DictSource, load_state, torch_tensors
 from unipic_jax.convert.mapping import KeyMap
 from unipic_jax.models import mar as M
@@ -120,7 +121,7 @@ def test_sampling_schedule():
 
 
 def test_release_key_round_trip(model):
-    km = KeyMap(M.TORCH_RULES, M.TORCH_IGNORED)
+    km = KeyMap(tables.MAR_TORCH_RULES, tables.MAR_TORCH_IGNORED)
     state = dict(torch_tensors(model, km))
     assert state["encoder_blocks.1.attn.qkv.weight"].shape == (96, 32)
     assert state["encoder_pos_embed_learned"].shape == (1, 20, 32)

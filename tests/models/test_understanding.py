@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from test_siglip2 import hf_naflex, perturb
+from unipic_jax import convert
 from unipic_jax import tokenizer as T
 from unipic_jax.models import understanding as U
 
@@ -26,7 +27,7 @@ def parts(tmp_path_factory, qwen_tokenizer_dir):
     proj = perturb(torch.nn.Sequential(torch.nn.Linear(32, 40), torch.nn.SiLU(), torch.nn.Linear(40, 48)), 2, 0.3)
     state = {k: v.detach().numpy() for k, v in proj.state_dict().items()}
     tok = T.load_tokenizer(qwen_tokenizer_dir)
-    model = U.from_hf(d / "llm", d / "vision", projector=state, image_token_id=T.image_token_id(tok))
+    model = convert.understanding_from_hf(d / "llm", d / "vision", projector=state, image_token_id=T.image_token_id(tok))
     rs = np.random.RandomState(0)
     images = [rs.randint(0, 256, (40, 90, 3), dtype=np.uint8), rs.randint(0, 256, (70, 30, 3), dtype=np.uint8)]
     return dict(vision=vision, llm=llm, proj=proj, model=model, tok=tok, images=images)

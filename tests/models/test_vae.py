@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 from helpers import randomize
 
+from unipic_jax.convert import tables
 from unipic_jax.convert.hf import ConversionError, DictSource, load_state, torch_tensors
 from unipic_jax.convert.mapping import KeyMap
 from unipic_jax.models import vae as V
@@ -27,7 +28,7 @@ def pair():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     abstract = nnx.eval_shape(lambda: V.AutoencoderKL(CFG, rngs=nnx.Rngs(0)))
-    ours = load_state(abstract, DictSource(sd, "diffusers"), KeyMap(V.diffusers_rules(CFG)), progress=False)
+    ours = load_state(abstract, DictSource(sd, "diffusers"), KeyMap(tables.vae_diffusers_rules(CFG)), progress=False)
     return ref, ours, sd
 
 
@@ -57,7 +58,7 @@ def test_encode_and_decode_match_diffusers(pair):
 
 def test_ldm_names_round_trip_and_give_the_same_model(pair):
     _, ours, sd = pair
-    ldm = dict(torch_tensors(ours, KeyMap(V.ldm_rules(CFG))))
+    ldm = dict(torch_tensors(ours, KeyMap(tables.vae_ldm_rules(CFG))))
     # the names and layouts of MAR's kl16.ckpt
     assert ldm["encoder.down.2.attn.0.q.weight"].shape == (32, 32, 1, 1)
     assert ldm["encoder.down.1.block.0.nin_shortcut.weight"].shape == (32, 16, 1, 1)
@@ -65,15 +66,15 @@ def test_ldm_names_round_trip_and_give_the_same_model(pair):
     assert ldm["decoder.up.0.block.1.conv1.weight"].shape == (16, 16, 3, 3)
     assert "decoder.up.0.upsample.conv.weight" not in ldm and len(ldm) == len(sd)
     abstract = nnx.eval_shape(lambda: V.AutoencoderKL(CFG, rngs=nnx.Rngs(0)))
-    again = load_state(abstract, DictSource(ldm, "ldm"), KeyMap(V.ldm_rules(CFG)), progress=False)
-    back = dict(torch_tensors(again, KeyMap(V.diffusers_rules(CFG))))
+    again = load_state(abstract, DictSource(ldm, "ldm"), KeyMap(tables.vae_ldm_rules(CFG)), progress=False)
+    back = dict(torch_tensors(again, KeyMap(tables.vae_diffusers_rules(CFG))))
     assert sorted(back) == sorted(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
     bad = dict(ldm)
     bad["encoder.down.0.block.0.nin_shortcut.weight"] = np.zeros((16, 16, 1, 1), np.float32)
     with pytest.raises(ConversionError, match=r"encoder\.down\.0\.block\.0\.nin_shortcut\.weight"):
-        load_state(abstract, DictSource(bad), KeyMap(V.ldm_rules(CFG)), progress=False)
+        load_state(abstract, DictSource(bad), KeyMap(tables.vae_ldm_rules(CFG)), progress=False)
 
 
 def test_without_attention_matches_diffusers():
@@ -85,7 +86,7 @@ def test_without_attention_matches_diffusers():
           for k, v in ref.state_dict().items()}
     ref.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
     abstract = nnx.eval_shape(lambda: V.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    ours = load_state(abstract, DictSource(sd, "diffusers"), KeyMap(V.diffusers_rules(cfg)), progress=False)
+    ours = load_state(abstract, DictSource(sd, "diffusers"), KeyMap(tables.vae_diffusers_rules(cfg)), progress=False)
     assert not any("attn" in ".".join(map(str, path)) for path, _ in nnx.state(ours).flat_state())
     x = images(2)
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_without_attention_matches_diffusers():
         rec = ref.decode(mean).sample.numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours.posterior(jnp.asarray(x))[0], mean.numpy().transpose(0, 2, 3, 1), atol=1e-4)
     np.testing.assert_allclose(ours.decode(ours.encode(jnp.asarray(x))), rec, atol=1e-4)
-    ldm = dict(torch_tensors(ours, KeyMap(V.ldm_rules(cfg))))  # every parameter has its LDM name
+    ldm = dict(torch_tensors(ours, KeyMap(tables.vae_ldm_rules(cfg))))  # every parameter has its LDM name
     assert len(ldm) == len(sd) and not any("attn" in k for k in ldm)
     with pytest.raises(ValueError, match="no norm='pixel'"):
         V.diffusers_config(CFG.replace(norm="pixel"))

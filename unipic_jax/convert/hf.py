@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from unipic_jax import sharding
+from unipic_jax.convert import tables
 from unipic_jax.convert.mapping import KeyMap, ours_to_torch, path_str, torch_shape, torch_to_ours
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def families() -> dict[str, Family]:
             config_from_hf=qwen2.config_from_hf,
             hf_config=lambda cfg: transformers.Qwen2Config(**qwen2.config_to_hf(cfg)),
             build=lambda cfg, rngs: qwen2.Qwen2(cfg, rngs=rngs),
-            keymap=lambda cfg: KeyMap(qwen2.HF_RULES, qwen2.HF_IGNORED),
+            keymap=lambda cfg: KeyMap(tables.QWEN2_HF_RULES, tables.QWEN2_HF_IGNORED),
             optional=lambda cfg: ("lm_head.weight",) if cfg.tie_word_embeddings else (),
             generation=True,
         ),
@@ -81,8 +82,8 @@ def families() -> dict[str, Family]:
                 **siglip2.config_to_hf(cfg)),
             build=lambda cfg, rngs: siglip2.SiglipVision(cfg, rngs=rngs),
             keymap=lambda cfg: KeyMap(
-                siglip2.HF_RULES_NAFLEX if cfg.naflex else siglip2.HF_RULES_FIXED, siglip2.HF_IGNORED,
-                siglip2.HF_PREFIXES),
+                tables.SIGLIP_HF_RULES_NAFLEX if cfg.naflex else tables.SIGLIP_HF_RULES_FIXED,
+                tables.SIGLIP_HF_IGNORED, tables.SIGLIP_HF_PREFIXES),
         ),
     }
 
@@ -430,3 +431,33 @@ def to_hf(
             ).save_pretrained(tmp)
         write_safetensors(tensors, tmp, max_shard_size, total=n, progress=progress)
     return Path(path)
+
+
+# -- the SigLIP2 understanding model (models/understanding.py) -----------------------------
+
+
+def understanding_from_hf(llm_path, vision_path, projector: dict[str, np.ndarray] | None = None, *, mesh=None,
+                          dtype=None, seed: int = 0, **config_overrides) -> nnx.Module:
+    """Builds :class:`~unipic_jax.models.understanding.SiglipUnderstanding` from a Qwen2 folder,
+    a SigLIP/SigLIP2 folder and the projector's weights (a ``{"0.weight", "0.bias", "2.weight",
+    "2.bias"}`` state dict of the PyTorch ``nn.Sequential``; random if ``None``). Extra keyword
+    arguments are fields of ``UnderstandingConfig`` (e.g. ``image_token_id``)."""
+    from unipic_jax.models import understanding
+    from unipic_jax.models.layers import MLPProjector
+
+    llm = from_hf(llm_path, mesh=mesh, dtype=dtype, progress=False)
+    vision = from_hf(vision_path, mesh=mesh, dtype=dtype, progress=False)
+    cfg = understanding.UnderstandingConfig(llm=llm.config, vision=vision.config, **config_overrides)
+    if projector is not None:
+        cfg = dataclasses.replace(cfg, proj_hidden=int(np.shape(projector["0.weight"])[0]))
+    model = nnx.eval_shape(lambda: understanding.SiglipUnderstanding(cfg, rngs=nnx.Rngs(seed)))
+    model.llm, model.vision = llm, vision
+    if projector is None:
+        proj = MLPProjector(vision.config.hidden_size, cfg.proj_hidden or llm.config.hidden_size,
+                            llm.config.hidden_size, dtype=llm.config.dtype, param_dtype=llm.config.param_dtype,
+                            rngs=nnx.Rngs(seed))
+        model.siglip2_proj = sharding.shard_module(proj, mesh) if mesh is not None else proj
+    else:
+        model.siglip2_proj = load_state(model.siglip2_proj, DictSource(projector, "siglip2_proj"),
+                                        KeyMap(tables.PROJECTOR_RULES), mesh=mesh, progress=False)
+    return model

@@ -33,12 +33,9 @@ import numpy as np
 from flax import nnx
 
 from unipic_jax.convert.hf import AtomicFolder, ConversionError, DictSource, load_state, torch_tensors
+from unipic_jax.convert import tables
 from unipic_jax.convert.mapping import KeyMap, Rule
-from unipic_jax.models import diffloss as diffloss_lib
-from unipic_jax.models import mar as mar_lib
-from unipic_jax.models import qwen2, siglip2, unipic
-from unipic_jax.models import vae as vae_lib
-from unipic_jax.models.layers import PROJECTOR_RULES
+from unipic_jax.models import qwen2, unipic
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +51,16 @@ def release_keymap(cfg: unipic.UniPicConfig) -> KeyMap:
     """One table for the whole release: ``pytorch_model.bin`` keys as they are, and the VAE's
     ``kl16.ckpt`` keys under a ``vae.`` prefix."""
     rules = (
-        prefixed(qwen2.HF_RULES, "llm.", "llm.") + prefixed(mar_lib.TORCH_RULES, "mar.", "mar.")
-        + prefixed(diffloss_lib.TORCH_RULES, "mar.diffloss.", "diffloss.")
-        + prefixed(PROJECTOR_RULES, "proj_in.", "proj_in.") + prefixed(PROJECTOR_RULES, "proj_out.", "proj_out.")
-        + prefixed(vae_lib.ldm_rules(cfg.vae), "vae.", "vae.")
+        prefixed(tables.QWEN2_HF_RULES, "llm.", "llm.") + prefixed(tables.MAR_TORCH_RULES, "mar.", "mar.")
+        + prefixed(tables.DIFFLOSS_TORCH_RULES, "mar.diffloss.", "diffloss.")
+        + prefixed(tables.PROJECTOR_RULES, "proj_in.", "proj_in.")
+        + prefixed(tables.PROJECTOR_RULES, "proj_out.", "proj_out.")
+        + prefixed(tables.vae_ldm_rules(cfg.vae), "vae.", "vae.")
     )
     if cfg.vision is not None:
-        tower = siglip2.HF_RULES_NAFLEX if cfg.vision.naflex else siglip2.HF_RULES_FIXED
+        tower = tables.SIGLIP_HF_RULES_NAFLEX if cfg.vision.naflex else tables.SIGLIP_HF_RULES_FIXED
         rules += prefixed(tower, "siglip2.vision_model.", "siglip2.") + prefixed(
-            PROJECTOR_RULES, "siglip2_proj.", "siglip2_proj.")
+            tables.PROJECTOR_RULES, "siglip2_proj.", "siglip2_proj.")
         return KeyMap(rules, ignore_torch=(CLASS_EMB,))
     return KeyMap(rules, ignore_torch=(CLASS_EMB, *VISION))
 

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.convert.mapping import Rule
 from unipic_jax.models import diffusion
 from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig
 
@@ -222,28 +221,3 @@ class DiffLoss(nnx.Module):
             net = lambda x, t: self.net(x, t, z)  # noqa: E731
         x = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature)
         return x[: z.shape[0] // 2] if cfg is not None else x
-
-
-# Conversion table: keys relative to the release's ``mar.diffloss.`` prefix.
-TORCH_RULES = (
-    Rule("net.time_embed.mlp.0.weight", "net.time_embed.fc1.kernel"),
-    Rule("net.time_embed.mlp.0.bias", "net.time_embed.fc1.bias"),
-    Rule("net.time_embed.mlp.2.weight", "net.time_embed.fc2.kernel"),
-    Rule("net.time_embed.mlp.2.bias", "net.time_embed.fc2.bias"),
-    Rule("net.cond_embed.weight", "net.cond_embed.kernel"),
-    Rule("net.cond_embed.bias", "net.cond_embed.bias"),
-    Rule("net.input_proj.weight", "net.input_proj.kernel"),
-    Rule("net.input_proj.bias", "net.input_proj.bias"),
-    Rule("net.res_blocks.{}.in_ln.weight", "net.res_blocks.{}.in_ln.scale"),
-    Rule("net.res_blocks.{}.in_ln.bias", "net.res_blocks.{}.in_ln.bias"),
-    Rule("net.res_blocks.{}.mlp.0.weight", "net.res_blocks.{}.mlp.fc1.kernel"),
-    Rule("net.res_blocks.{}.mlp.0.bias", "net.res_blocks.{}.mlp.fc1.bias"),
-    Rule("net.res_blocks.{}.mlp.2.weight", "net.res_blocks.{}.mlp.fc2.kernel"),
-    Rule("net.res_blocks.{}.mlp.2.bias", "net.res_blocks.{}.mlp.fc2.bias"),
-    Rule("net.res_blocks.{}.adaLN_modulation.1.weight", "net.res_blocks.{}.ada.kernel", "reshape", 2),
-    Rule("net.res_blocks.{}.adaLN_modulation.1.bias", "net.res_blocks.{}.ada.bias", "reshape", 2),
-    Rule("net.final_layer.linear.weight", "net.final_layer.linear.kernel"),
-    Rule("net.final_layer.linear.bias", "net.final_layer.linear.bias"),
-    Rule("net.final_layer.adaLN_modulation.1.weight", "net.final_layer.ada.kernel", "reshape", 2),
-    Rule("net.final_layer.adaLN_modulation.1.bias", "net.final_layer.ada.bias", "reshape", 2),
-)

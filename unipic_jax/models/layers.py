@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unipic_jax.convert.mapping import Rule
-
 Initializer = jax.nn.initializers.Initializer
 
 
@@ -149,13 +147,6 @@ class MLPProjector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.silu(self.fc1(x)))
-
-
-# MLPProjector <-> the PyTorch nn.Sequential(Linear, SiLU, Linear) keys
-PROJECTOR_RULES = (
-    Rule("0.weight", "fc1.kernel"), Rule("0.bias", "fc1.bias"),
-    Rule("2.weight", "fc2.kernel"), Rule("2.bias", "fc2.bias"),
-)
 
 
 class RMSNorm(nnx.Module):

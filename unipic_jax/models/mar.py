@@ -28,7 +28,7 @@ masked fillers, which stay masked), ``K = max_visible(L, mask_ratio_min)``.
 2-D ALiBi to every block's logits: ``−2^−h`` times the distance between two image tokens for
 head ``h`` (:func:`distance_bias`), so the first heads attend to neighbouring tokens.
 
-Parameters keep the release's names (``mar.*``, see :data:`TORCH_RULES`); the unused
+Parameters keep the release's names (``mar.*``, see ``convert.tables.MAR_TORCH_RULES``); the unused
 ``class_emb`` of the release is not created (the converter reports it as ignored).
 """
 
@@ -43,7 +43,6 @@ import numpy as np
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.convert.mapping import Rule
 from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, attention, param, resize_grid
 
 
@@ -313,35 +312,3 @@ def mask_schedule(length: int, num_iter: int) -> tuple[np.ndarray, np.ndarray]:
         clamped.append(n)
         masked.append(0 if k == num_iter - 1 else n)
     return np.asarray(masked, np.int32), np.asarray(clamped, np.int32)
-
-
-def _block_rules(prefix: str) -> tuple[Rule, ...]:
-    p = f"{prefix}_blocks.{{}}"
-    return (
-        Rule(f"{p}.norm1.weight", f"{p}.norm1.scale"), Rule(f"{p}.norm1.bias", f"{p}.norm1.bias"),
-        Rule(f"{p}.attn.qkv.weight", f"{p}.qkv.kernel", "reshape", 3),
-        Rule(f"{p}.attn.qkv.bias", f"{p}.qkv.bias", "reshape", 3),
-        Rule(f"{p}.attn.proj.weight", f"{p}.proj.kernel", "reshape", 1),
-        Rule(f"{p}.attn.proj.bias", f"{p}.proj.bias"),
-        Rule(f"{p}.norm2.weight", f"{p}.norm2.scale"), Rule(f"{p}.norm2.bias", f"{p}.norm2.bias"),
-        Rule(f"{p}.mlp.fc1.weight", f"{p}.fc1.kernel"), Rule(f"{p}.mlp.fc1.bias", f"{p}.fc1.bias"),
-        Rule(f"{p}.mlp.fc2.weight", f"{p}.fc2.kernel"), Rule(f"{p}.mlp.fc2.bias", f"{p}.fc2.bias"),
-    )
-
-
-# Keys relative to the release's ``mar.`` prefix (the diffusion head's come from diffloss.py).
-TORCH_RULES = (
-    Rule("fake_latent", "fake_latent"),
-    Rule("z_proj.weight", "z_proj.kernel"), Rule("z_proj.bias", "z_proj.bias"),
-    Rule("z_proj_ln.weight", "z_proj_ln.scale"), Rule("z_proj_ln.bias", "z_proj_ln.bias"),
-    Rule("encoder_pos_embed_learned", "encoder_pos_embed"),
-    *_block_rules("encoder"),
-    Rule("encoder_norm.weight", "encoder_norm.scale"), Rule("encoder_norm.bias", "encoder_norm.bias"),
-    Rule("decoder_embed.weight", "decoder_embed.kernel"), Rule("decoder_embed.bias", "decoder_embed.bias"),
-    Rule("mask_token", "mask_token"),
-    Rule("decoder_pos_embed_learned", "decoder_pos_embed"),
-    *_block_rules("decoder"),
-    Rule("decoder_norm.weight", "decoder_norm.scale"), Rule("decoder_norm.bias", "decoder_norm.bias"),
-    Rule("diffusion_pos_embed_learned", "diffusion_pos_embed"),
-)
-TORCH_IGNORED = (r"class_emb\.weight",)

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.convert.mapping import Rule
 from unipic_jax.models.layers import (
     Dense, PresetConfig, RMSNorm, apply_rope, attention, param, rope_sin_cos,
 )
@@ -439,29 +438,6 @@ def _generate(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, te
 def init(cfg: Qwen2Config, seed: int = 0, mesh: Any = None) -> Qwen2:
     """A randomly initialised model, created directly on ``mesh`` when one is given."""
     return sharding.create_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(seed)), mesh)
-
-
-# -- conversion table (transformers Qwen2ForCausalLM <-> ours) ------------------------------
-
-HF_RULES = (
-    Rule("model.embed_tokens.weight", "embedder.embedding"),
-    Rule("model.layers.{}.input_layernorm.weight", "layers.{}.input_norm.scale"),
-    Rule("model.layers.{}.post_attention_layernorm.weight", "layers.{}.post_attn_norm.scale"),
-    Rule("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attn.q_proj.kernel", "reshape", 2),
-    Rule("model.layers.{}.self_attn.q_proj.bias", "layers.{}.attn.q_proj.bias", "reshape", 2),
-    Rule("model.layers.{}.self_attn.k_proj.weight", "layers.{}.attn.k_proj.kernel", "reshape", 2),
-    Rule("model.layers.{}.self_attn.k_proj.bias", "layers.{}.attn.k_proj.bias", "reshape", 2),
-    Rule("model.layers.{}.self_attn.v_proj.weight", "layers.{}.attn.v_proj.kernel", "reshape", 2),
-    Rule("model.layers.{}.self_attn.v_proj.bias", "layers.{}.attn.v_proj.bias", "reshape", 2),
-    Rule("model.layers.{}.self_attn.o_proj.weight", "layers.{}.attn.o_proj.kernel", "reshape", 1),
-    Rule("model.layers.{}.mlp.gate_proj.weight", "layers.{}.mlp.gate_up_proj.kernel", stack=0),
-    Rule("model.layers.{}.mlp.up_proj.weight", "layers.{}.mlp.gate_up_proj.kernel", stack=1),
-    Rule("model.layers.{}.mlp.down_proj.weight", "layers.{}.mlp.down_proj.kernel"),
-    Rule("model.norm.weight", "final_norm.scale"),
-    Rule("lm_head.weight", "lm_head.kernel"),
-)
-# Keys some checkpoints carry that hold no weights of their own (rotary buffers).
-HF_IGNORED = (r".*rotary_emb\.inv_freq",)
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> Qwen2Config:

@@ -41,7 +41,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.convert.mapping import Rule
 from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, attention, param, resize_weights
 
 
@@ -241,48 +240,6 @@ def init(cfg: SiglipConfig, seed: int = 0, mesh: Any = None) -> SiglipVision:
     """A randomly initialised tower, created directly on ``mesh`` when one is given."""
     return sharding.create_sharded(lambda: SiglipVision(cfg, rngs=nnx.Rngs(seed)), mesh)
 
-
-# -- conversion table (transformers Siglip(2)VisionModel <-> ours) --------------------------
-
-_COMMON = (
-    Rule("embeddings.position_embedding.weight", "pos_embed"),
-    Rule("post_layernorm.weight", "post_layernorm.scale"),
-    Rule("post_layernorm.bias", "post_layernorm.bias"),
-    *(r for ln in ("layer_norm1", "layer_norm2") for r in (
-        Rule(f"encoder.layers.{{}}.{ln}.weight", f"layers.{{}}.{ln}.scale"),
-        Rule(f"encoder.layers.{{}}.{ln}.bias", f"layers.{{}}.{ln}.bias"))),
-    *(r for p in ("q_proj", "k_proj", "v_proj") for r in (
-        Rule(f"encoder.layers.{{}}.self_attn.{p}.weight", f"layers.{{}}.attn.{p}.kernel", "reshape", 2),
-        Rule(f"encoder.layers.{{}}.self_attn.{p}.bias", f"layers.{{}}.attn.{p}.bias", "reshape", 2))),
-    Rule("encoder.layers.{}.self_attn.out_proj.weight", "layers.{}.attn.out_proj.kernel", "reshape", 1),
-    Rule("encoder.layers.{}.self_attn.out_proj.bias", "layers.{}.attn.out_proj.bias"),
-    *(r for fc in ("fc1", "fc2") for r in (
-        Rule(f"encoder.layers.{{}}.mlp.{fc}.weight", f"layers.{{}}.mlp.{fc}.kernel"),
-        Rule(f"encoder.layers.{{}}.mlp.{fc}.bias", f"layers.{{}}.mlp.{fc}.bias"))),
-    Rule("head.probe", "head.probe"),
-    Rule("head.attention.in_proj_weight", "head.in_proj.kernel", "reshape", 3),
-    Rule("head.attention.in_proj_bias", "head.in_proj.bias", "reshape", 3),
-    Rule("head.attention.out_proj.weight", "head.out_proj.kernel", "reshape", 1),
-    Rule("head.attention.out_proj.bias", "head.out_proj.bias"),
-    Rule("head.layernorm.weight", "head.layernorm.scale"),
-    Rule("head.layernorm.bias", "head.layernorm.bias"),
-    *(r for fc in ("fc1", "fc2") for r in (
-        Rule(f"head.mlp.{fc}.weight", f"head.mlp.{fc}.kernel"),
-        Rule(f"head.mlp.{fc}.bias", f"head.mlp.{fc}.bias"))),
-)
-HF_RULES_NAFLEX = (
-    Rule("embeddings.patch_embedding.weight", "patch_embed.kernel", "reshape", 1),
-    Rule("embeddings.patch_embedding.bias", "patch_embed.bias"),
-    *_COMMON,
-)
-HF_RULES_FIXED = (
-    Rule("embeddings.patch_embedding.weight", "patch_embed.kernel", "transpose", perm=(0, 2, 3, 1)),
-    Rule("embeddings.patch_embedding.bias", "patch_embed.bias"),
-    *_COMMON,
-)
-# Parts of full SigLIP checkpoints (text tower, contrastive scale) that the vision tower does not use.
-HF_IGNORED = (r"text_model\..*", r"logit_scale", r"logit_bias")
-HF_PREFIXES = ("vision_model.",)  # full SigLIP models and transformers 4.x vision folders
 
 VISION_TYPES = {"siglip_vision_model": False, "siglip2_vision_model": True}
 FULL_TYPES = {"siglip": False, "siglip2": True}

@@ -30,7 +30,7 @@ from flax import nnx
 from unipic_jax import sharding
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.models import qwen2, siglip2
-from unipic_jax.models.layers import PROJECTOR_RULES, MLPProjector
+from unipic_jax.models.layers import MLPProjector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,31 +180,3 @@ def answer_batch(model: SiglipUnderstanding, tokenizer, images, questions, max_n
     new = model.generate(ids, mask, pv, pmask, shapes, max_new_tokens=max_new_tokens,
                          eos_token_id=tok_lib.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in np.asarray(new)]
-
-
-def from_hf(llm_path, vision_path, projector: dict[str, np.ndarray] | None = None, *, mesh=None, dtype=None,
-            seed: int = 0, **config_overrides) -> SiglipUnderstanding:
-    """Builds the understanding model from a Qwen2 folder, a SigLIP/SigLIP2 folder and the
-    projector's weights (a ``{"0.weight", "0.bias", "2.weight", "2.bias"}`` state dict of
-    the PyTorch ``nn.Sequential``; random if ``None``)."""
-    from unipic_jax import convert
-    from unipic_jax.convert.hf import DictSource, load_state
-    from unipic_jax.convert.mapping import KeyMap
-
-    llm = convert.from_hf(llm_path, mesh=mesh, dtype=dtype, progress=False)
-    vision = convert.from_hf(vision_path, mesh=mesh, dtype=dtype, progress=False)
-    cfg = UnderstandingConfig(llm=llm.config, vision=vision.config, **config_overrides)
-    if projector is not None:
-        cfg = dataclasses.replace(cfg, proj_hidden=int(np.shape(projector["0.weight"])[0]))
-    model = nnx.eval_shape(lambda: SiglipUnderstanding(cfg, rngs=nnx.Rngs(seed)))
-    model.llm, model.vision = llm, vision
-    if projector is None:
-        proj = MLPProjector(vision.config.hidden_size, cfg.proj_hidden or llm.config.hidden_size,
-                            llm.config.hidden_size, dtype=llm.config.dtype, param_dtype=llm.config.param_dtype,
-                            rngs=nnx.Rngs(seed))
-        model.siglip2_proj = sharding.shard_module(proj, mesh) if mesh is not None else proj
-    else:
-        model.siglip2_proj = load_state(model.siglip2_proj, DictSource(projector, "siglip2_proj"),
-                                        KeyMap(PROJECTOR_RULES), mesh=mesh, progress=False)
-    return model
-

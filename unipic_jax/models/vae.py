@@ -24,8 +24,9 @@ reconstruction + KL objective for training the tokenizer on small worlds.
 
 Parameter layout: conv kernels ``(out, kh, kw, in)`` (PyTorch's OIHW transposed to
 channels-last); attention ``q, k, v, proj_out`` are 1×1 convs ``(C, 1, 1, C)``. Two
-conversion tables: the LDM names of ``kl16.ckpt`` (:func:`ldm_rules`, the same names as
-ours) and diffusers' ``AutoencoderKL`` names (:func:`diffusers_rules`).
+conversion tables (in ``unipic_jax.convert.tables``): the LDM names of ``kl16.ckpt``
+(``vae_ldm_rules``, the same names as ours) and diffusers' ``AutoencoderKL`` names
+(``vae_diffusers_rules``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unipic_jax.convert.mapping import Rule
 from unipic_jax.models.layers import PresetConfig, attention, param
 
 
@@ -292,81 +292,6 @@ class AutoencoderKL(nnx.Module):
         rec = jnp.mean(jnp.sum(err, axis=(1, 2, 3)))
         kl = jnp.mean(0.5 * jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         return rec + kl_weight * kl, {"rec": rec, "kl": kl}
-
-
-# -- conversion tables ------------------------------------------------------------------------
-
-_CONV = dict(kind="transpose", perm=(0, 2, 3, 1))  # torch OIHW -> ours OHWI
-
-
-def _conv(torch_name: str, ours: str) -> tuple[Rule, Rule]:
-    return Rule(f"{torch_name}.weight", f"{ours}.kernel", **_CONV), Rule(f"{torch_name}.bias", f"{ours}.bias")
-
-
-def _norm(torch_name: str, ours: str) -> tuple[Rule, Rule]:
-    return Rule(f"{torch_name}.weight", f"{ours}.scale"), Rule(f"{torch_name}.bias", f"{ours}.bias")
-
-
-def _linear_as_1x1(torch_name: str, ours: str) -> tuple[Rule, Rule]:
-    """A torch Linear (C, C) stored as our 1×1 conv (C, 1, 1, C)."""
-    return Rule(f"{torch_name}.weight", f"{ours}.kernel", "reshape", 1), Rule(f"{torch_name}.bias", f"{ours}.bias")
-
-
-def _resnet(t: str, o: str, shortcut: str) -> list[Rule]:
-    return [*_norm(f"{t}.norm1", f"{o}.norm1"), *_conv(f"{t}.conv1", f"{o}.conv1"),
-            *_norm(f"{t}.norm2", f"{o}.norm2"), *_conv(f"{t}.conv2", f"{o}.conv2"),
-            *_conv(f"{t}.{shortcut}", f"{o}.nin_shortcut")]
-
-
-def ldm_rules(cfg: VAEConfig) -> tuple[Rule, ...]:
-    """``kl16.ckpt`` (LDM) names; ours are the same with ``kernel``/``scale`` leaf names."""
-    rules: list[Rule] = []
-    for part in ("encoder", "decoder"):
-        rules += [*_conv(f"{part}.conv_in", f"{part}.conv_in"), *_conv(f"{part}.conv_out", f"{part}.conv_out"),
-                  *_norm(f"{part}.norm_out", f"{part}.norm_out")]
-        for b in ("block_1", "block_2"):
-            rules += _resnet(f"{part}.mid.{b}", f"{part}.mid.{b}", "nin_shortcut")
-        if cfg.attention:
-            rules += _norm(f"{part}.mid.attn_1.norm", f"{part}.mid.attn_1.norm")
-            for w in ("q", "k", "v", "proj_out"):
-                rules += _conv(f"{part}.mid.attn_1.{w}", f"{part}.mid.attn_1.{w}")
-    for part, lv, rs in (("encoder", "down", "downsample"), ("decoder", "up", "upsample")):
-        rules += _resnet(f"{part}.{lv}.{{}}.block.{{}}", f"{part}.{lv}.{{}}.block.{{}}", "nin_shortcut")
-        rules += _conv(f"{part}.{lv}.{{}}.{rs}.conv", f"{part}.{lv}.{{}}.{rs}.conv")
-    if cfg.attention:
-        rules += _norm("encoder.down.{}.attn.{}.norm", "encoder.down.{}.attn.{}.norm")
-        for w in ("q", "k", "v", "proj_out"):
-            rules += _conv(f"encoder.down.{{}}.attn.{{}}.{w}", f"encoder.down.{{}}.attn.{{}}.{w}")
-    rules += [*_conv("quant_conv", "quant_conv"), *_conv("post_quant_conv", "post_quant_conv")]
-    return tuple(rules)
-
-
-def diffusers_rules(cfg: VAEConfig) -> tuple[Rule, ...]:
-    """diffusers ``AutoencoderKL`` names (its decoder counts levels from the lowest resolution)."""
-    n = len(cfg.ch_mult)
-    rules: list[Rule] = []
-    for part in ("encoder", "decoder"):
-        rules += [*_conv(f"{part}.conv_in", f"{part}.conv_in"), *_conv(f"{part}.conv_out", f"{part}.conv_out"),
-                  *_norm(f"{part}.conv_norm_out", f"{part}.norm_out")]
-        for k, b in enumerate(("block_1", "block_2")):
-            rules += _resnet(f"{part}.mid_block.resnets.{k}", f"{part}.mid.{b}", "conv_shortcut")
-        if cfg.attention:
-            rules += _norm(f"{part}.mid_block.attentions.0.group_norm", f"{part}.mid.attn_1.norm")
-            for t, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-                rules += _linear_as_1x1(f"{part}.mid_block.attentions.0.{t}", f"{part}.mid.attn_1.{o}")
-    rules += _resnet("encoder.down_blocks.{}.resnets.{}", "encoder.down.{}.block.{}", "conv_shortcut")
-    rules += _conv("encoder.down_blocks.{}.downsamplers.0.conv", "encoder.down.{}.downsample.conv")
-    if cfg.attention:
-        rules += _norm("encoder.down_blocks.{}.attentions.{}.group_norm", "encoder.down.{}.attn.{}.norm")
-        for t, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-            rules += _linear_as_1x1(f"encoder.down_blocks.{{}}.attentions.{{}}.{t}",
-                                    f"encoder.down.{{}}.attn.{{}}.{o}")
-    for k in range(n):  # diffusers up_blocks[k] is LDM level n-1-k
-        i = n - 1 - k
-        rules += _resnet(f"decoder.up_blocks.{k}.resnets.{{}}", f"decoder.up.{i}.block.{{}}", "conv_shortcut")
-        rules += _conv(f"decoder.up_blocks.{k}.upsamplers.0.conv", f"decoder.up.{i}.upsample.conv")
-    rules += [*_conv("quant_conv", "quant_conv"), *_conv("post_quant_conv", "post_quant_conv")]
-    return tuple(rules)
 
 
 def diffusers_config(cfg: VAEConfig) -> dict:
