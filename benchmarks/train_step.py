@@ -35,7 +35,8 @@ def speed_child(steps: int):
     from unipic_jax.data import shapes_tokenizer
     from unipic_jax.models import unipic
     from unipic_jax.train import run
-    from unipic_jax.train.trainer import Stage, init_state, make_train_step
+    from unipic_jax.train.stages import Stage
+    from unipic_jax.train.step import init_state, make_train_step
 
     cfg = run.load_config("configs/demo.py")
     tok = shapes_tokenizer.build()

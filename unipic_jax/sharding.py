@@ -21,16 +21,14 @@ Typical use::
     with jax.set_mesh(mesh):
         logits = model(tokens)
 
-On a multi-host pod call :func:`initialize_distributed` first (before any other
-JAX call); everything else is the same on one host and many.
+On several processes call :func:`unipic_jax.distributed.initialize` first (before any
+other JAX call); everything else is the same on one host and many.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,9 +57,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the leading axis of stacked (scanned) blocks' parameters
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,25 +103,6 @@ class MeshConfig:
         return tuple(sizes)  # type: ignore[return-value]
 
 
-def initialize_distributed(**kwargs: Any) -> None:
-    """Calls ``jax.distributed.initialize`` once, when running on several hosts.
-
-    On Cloud TPU pods and under SLURM/Open MPI JAX discovers the coordinator by
-    itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID`` (or pass them as keyword arguments). A single-host run with
-    none of these set is left alone.
-    """
-    if jax.distributed.is_initialized():
-        return
-    multi_host_env = any(
-        k in os.environ
-        for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
-    )
-    if kwargs or multi_host_env:
-        jax.distributed.initialize(**kwargs)
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-
-
 def mesh_arg(text: str) -> dict[str, int]:
     """Parses a command-line mesh, ``"data=2,fsdp=-1,tensor=1"`` → ``{"data": 2, ...}``."""
     import argparse
@@ -147,7 +125,13 @@ def make_mesh(
     """
     cfg = MeshConfig.from_any(cfg)
     devices = list(jax.devices() if devices is None else devices)
-    shape = cfg.shape(len(devices))
+    try:
+        shape = cfg.shape(len(devices))
+    except ValueError as e:
+        if jax.process_count() == 1:
+            raise
+        raise ValueError(f"{e} (the global device count: {jax.process_count()} processes x "
+                         f"{jax.local_device_count()} devices; set the mesh in the config for it)") from None
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 

@@ -33,17 +33,21 @@ def test_eval_writes_scores_and_grids(tmp_path):
                                          model=dict(preset="tiny", overrides=dict(mar=dict(grid=4)))))
     model = unipic.UniPic(run.model_config(cfg, tok), rngs=nnx.Rngs(0))
     checkpoint.save_model(tmp_path / "model", model)
-    p = _eval("--checkpoint", str(tmp_path / "model"), "--size", "16", "--per_category", "1", "--edit_per_kind", "1",
-              "--qa", "2", "--num_iter", "2", "--cfg", "1.5", "--cfg_schedule", "linear")
+    # the settings training ended with, saved beside the model: eval.py takes them unless a flag overrides
+    (tmp_path / "model" / "eval.json").write_text(json.dumps(dict(size=[16, 16], per_category=1, edit_per_kind=1,
+                                                                  qa=3, num_iter=2, cfg=1.5, cfg_schedule="linear")))
+    p = _eval("--checkpoint", str(tmp_path / "model"), "--qa", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(res["t2i"]["categories"]) == {"single_object", "two_object", "counting", "colors", "position",
                                              "color_attr"} and res["t2i"]["n"] == 6
     assert res["edit"]["n"] == 4 and res["understanding"]["n"] == 2
-    assert 0.0 <= res["understanding"]["accuracy"] <= 1.0 and res["cfg"] == 1.5 and res["cfg_schedule"] == "linear"
+    assert 0.0 <= res["understanding"]["accuracy"] <= 1.0
+    assert res["settings"] == dict(split="validation", seed=0, size=[16, 16], per_category=1, edit_per_kind=1, qa=2,
+                                   num_iter=2, cfg=1.5, cfg_schedule="linear", temperature=1.0)
     for name in ("t2i.png", "edit.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
-    assert "text-to-image overall" in p.stdout
+    assert "shapes benchmark" in p.stdout and "editing: overall" in p.stdout
 
 
 def test_eval_names_a_missing_checkpoint(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from unipic_jax import sharding
 from unipic_jax.train import aot, run
-from unipic_jax.train.trainer import Stage
+from unipic_jax.train.stages import Stage
 
 
 def full_config(stage):

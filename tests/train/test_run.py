@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from unipic_jax.eval import shapes as shapes_eval
 from unipic_jax.train import run
 
 
@@ -30,12 +31,25 @@ def test_load_config_reads_a_config_file_and_names_a_missing_one(tmp_path):
 
 def test_demo_config_trains_resumes_and_reports(tmp_path):
     c = demo_config()
+    c.train.log_every = 1
     stopped = run.run(c, str(tmp_path), max_steps=3)
     assert stopped["stopped"] and stopped["steps"] == 3
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # as if step 4 was logged before a kill
+        f.write(json.dumps({"stage": "gen32", "step": 4, "loss": -1.0}) + "\n")
     summary = run.run(c, str(tmp_path))
     assert summary["steps"] == 6 and set(summary["t2i"]["categories"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
-    assert (tmp_path / "samples.png").exists() and (tmp_path / "model" / "config.json").exists()
+    assert (tmp_path / "eval" / "t2i.png").exists() and (tmp_path / "model" / "config.json").exists()
+    # the model folder says its step and the sampling settings eval.py takes from it
+    assert json.loads((tmp_path / "model" / "step.json").read_text()) == {"step": 6}
+    saved = json.loads((tmp_path / "model" / "eval.json").read_text())
+    assert saved["cfg"] == c.eval.cfg and saved["num_iter"] == 2 and saved["per_category"] == 1
+    # metrics.jsonl: every update once, in order, though steps after the stop's checkpoint ran twice
+    from unipic_jax.train.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert {r["stage"] for r in read_metrics(tmp_path)} == {"vae", "gen32", "gen48"}
+    assert all(r["loss"] > 0 for r in read_metrics(tmp_path))
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
     # the periodic grid of the generation stages (none for the VAE stage), at their buckets
     from PIL import Image
@@ -44,5 +58,21 @@ def test_demo_config_trains_resumes_and_reports(tmp_path):
     assert grids == ["0000004_gen32.png", "0000006_gen48.png"], grids
     assert Image.open(tmp_path / "samples" / grids[1]).size[1] > Image.open(tmp_path / "samples" / grids[0]).size[1]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
-    text = run.format_summary(summary)
+    text = shapes_eval.format_summary(summary)
     assert "shapes benchmark" in text and "sample grid" in text and "objects per image" in text
+
+
+def test_the_model_folder_follows_a_run_that_is_extended(tmp_path):
+    """A finished run extended by one more update replaces WORKDIR/model with the newer model."""
+    c = demo_config()
+    c.eval.per_category = 0
+    c.stage_order = ("vae",)
+    run.run(c, str(tmp_path))
+    first = (tmp_path / "model" / "params").stat().st_mtime_ns
+    assert json.loads((tmp_path / "model" / "step.json").read_text()) == {"step": 2}
+    run.run(c, str(tmp_path))  # nothing to train: the model folder is left as it is
+    assert (tmp_path / "model" / "params").stat().st_mtime_ns == first
+    c.stages.vae.steps = 3
+    run.run(c, str(tmp_path))
+    assert json.loads((tmp_path / "model" / "step.json").read_text()) == {"step": 3}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")]  # no leftovers

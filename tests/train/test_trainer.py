@@ -16,7 +16,9 @@ from unipic_jax.data import shapes_tokenizer
 from unipic_jax.data import sources as S
 from unipic_jax.models import unipic as U
 from unipic_jax.train import optim, run
-from unipic_jax.train.trainer import NonFiniteLoss, Stage, Trainer, init_state, make_train_step
+from unipic_jax.train.stages import Stage
+from unipic_jax.train.step import init_state, make_train_step
+from unipic_jax.train.trainer import NonFiniteLoss, Trainer
 
 SIZE = ((16, 16),)
 

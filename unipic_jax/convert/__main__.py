@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from unipic_jax import checkpoint, sharding
+from unipic_jax import checkpoint, distributed, sharding
 from unipic_jax.convert.hf import ConversionError, from_hf, to_hf
 from unipic_jax.convert.release import find_llm_dir, from_unipic, to_unipic
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    sharding.initialize_distributed()
+    distributed.initialize()
     mesh = sharding.make_mesh(args.mesh)
     t0 = time.time()
     try:

@@ -9,13 +9,19 @@ uses :mod:`unipic_jax.sample` in batches; everything is deterministic for a seed
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from unipic_jax import sample
+from unipic_jax import distributed, sample
+from unipic_jax.files import write_json
 from unipic_jax.data import shapes as world
 from unipic_jax.rewards import shapes as scorer
+
+# the evaluation's settings: held-out split and seed, image size, how many prompts, sampling
+DEFAULTS = dict(split="validation", seed=0, size=(48, 48), per_category=8, edit_per_kind=4, qa=24, num_iter=64,
+                cfg=3.0, cfg_schedule="constant", temperature=1.0)
 
 
 def grid(images: Sequence[np.ndarray], cols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -73,3 +79,99 @@ def understanding(model, tok, *, size=(32, 32), n: int = 24, split: str = "valid
     correct = [a.strip().lower().rstrip(".") == e["answer"] for a, e in zip(answers, exs, strict=True)]
     return {"accuracy": float(np.mean(correct)), "answers": answers, "questions": [e["question"] for e in exs],
             "expected": [e["answer"] for e in exs]}
+
+
+def settings(given: Mapping | None = None, **overrides) -> dict:
+    """:data:`DEFAULTS` updated by ``given`` (e.g. a config's ``eval`` section or a model's
+    ``eval.json``) and then by ``overrides`` that are not None; unknown keys are an error."""
+    out = dict(DEFAULTS)
+    for src in (dict(given or {}), {k: v for k, v in overrides.items() if v is not None}):
+        unknown = sorted(set(src) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown evaluation settings {unknown}; known: {sorted(DEFAULTS)}")
+        out.update(src)
+    out["size"] = tuple(int(x) for x in (out["size"] if isinstance(out["size"], (list, tuple)) else
+                                         (out["size"], out["size"])))
+    for k in ("seed", "per_category", "edit_per_kind", "qa", "num_iter"):
+        out[k] = int(out[k])
+    out["cfg"], out["temperature"] = float(out["cfg"]), float(out["temperature"])
+    return out
+
+
+def benchmark(model, tok, s: Mapping, out: Path | None = None) -> dict:
+    """The shapes benchmark with settings ``s`` (:func:`settings`): text-to-image scores per
+    GenEval category, editing scores (``edit_per_kind``) and understanding exact match
+    (``qa``). Process 0 writes ``OUT/results.json`` and the grids ``OUT/t2i.png`` (a row a
+    category) and ``OUT/edit.png`` (source, result pairs). Every process must call it."""
+    size = tuple(s["size"])
+    kw = dict(num_iter=s["num_iter"], cfg=s["cfg"], cfg_schedule=s["cfg_schedule"], temperature=s["temperature"],
+              seed=s["seed"], split=s["split"])
+    results: dict = {"settings": {**s, "size": list(size)}}
+    res = t2i(model, tok, size=size, per_category=s["per_category"], **kw)
+    results["t2i"] = res["scores"]
+    grids = {"t2i.png": grid(res["images"], cols=s["per_category"])}
+    if s["edit_per_kind"]:
+        ed = edit(model, tok, size=size, per_kind=s["edit_per_kind"], **kw)
+        results["edit"] = ed["scores"]
+        pairs = [im for pair in zip(ed["sources"], ed["images"], strict=True) for im in pair]
+        grids["edit.png"] = grid(pairs, cols=2 * s["edit_per_kind"])
+    if s["qa"]:
+        qa = understanding(model, tok, size=size, n=s["qa"], split=s["split"], seed=s["seed"])
+        results["understanding"] = {"accuracy": qa["accuracy"], "n": s["qa"]}
+    if out is not None:
+        out = Path(out)
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            for name, g in grids.items():
+                sample.save_png(g[None], [out / name])
+            write_json(out / "results.json", results)
+        results["samples"] = str(out / "t2i.png")
+    return results
+
+
+def format_summary(summary: dict) -> str:
+    """The lines ``train.py`` and ``eval.py`` print for a summary or results dict."""
+    lines = [f"trained {summary['steps']} steps; model in {summary.get('model')}"] if "steps" in summary else []
+    if "t2i" in summary:
+        s = summary["t2i"]
+        lines.append("shapes benchmark (held-out prompts, GenEval rules): overall %.3f" % s["overall"])
+        lines += [f"  {k:14s} {v:.3f}" for k, v in s["categories"].items()]
+        lines.append(f"  objects per image: {s['objects']:.2f} detected, {s['prompted_objects']:.2f} prompted")
+    if "edit" in summary:
+        lines.append("editing: overall %.3f  %s" % (summary["edit"]["overall"], {k: round(v, 3) for k, v in
+                                                                                 summary["edit"]["categories"].items()}))
+    if "understanding" in summary:
+        lines.append("understanding exact match: %.3f" % summary["understanding"]["accuracy"])
+    if "samples" in summary:
+        lines.append(f"sample grid: {summary['samples']}")
+    return "\n".join(lines)
+
+
+def sample_prompts(cfg) -> list[str]:
+    """``train.sample_prompts``, or the first held-out shapes prompt of each GenEval category."""
+    prompts = list(cfg.train.get("sample_prompts", ()) or ())
+    if not prompts:
+        prompts = [world.t2i_example(i, "validation", seed=cfg.seed, category=c)["prompt"]
+                   for i in range(2) for c in world.CATEGORIES]
+    return prompts
+
+
+def sample_fn(cfg, tok):
+    """The periodic sample grid of a run (``train.sample_every`` updates): the fixed prompts of
+    :func:`sample_prompts` at the stage's first bucket, sampled with the run's evaluation
+    settings (same seed every time, so grids of successive steps compare); None for stages
+    that do not train the generator."""
+    if not int(cfg.train.get("sample_every", 0)):
+        return None
+    prompts, s = sample_prompts(cfg), settings(cfg.eval)
+
+    def fn(model, stage, step):
+        del step
+        if stage.kind != "unipic":
+            return None
+        images = sample.text_to_image(model, tok, prompts, size=tuple(stage.data.buckets[0]), seed=cfg.seed,
+                                      num_iter=s["num_iter"], cfg=s["cfg"], cfg_schedule=s["cfg_schedule"],
+                                      temperature=s["temperature"])
+        return grid(images, cols=min(len(prompts), 6))
+
+    return fn

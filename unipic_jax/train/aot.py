@@ -19,7 +19,8 @@ from unipic_jax import sharding
 from unipic_jax.models import unipic
 from unipic_jax.train import optim
 from unipic_jax.train.run import base_model_config as model_config
-from unipic_jax.train.trainer import Stage, make_train_step
+from unipic_jax.train.stages import Stage
+from unipic_jax.train.step import make_train_step
 
 
 def _sds(shape, dtype, mesh, spec):
@@ -79,10 +80,11 @@ def lower_train_step(cfg, mesh, stage_name: str | None = None, bucket: int = 0):
         shardings = sharding.state_shardings(params, mesh)
         params = sharding.pure(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                             params, shardings))  # as the trainer feeds it
-        tx = stage.optimizer(params)
+        tx = stage.optimizer(params, optim.stacked_leaves(nnx.state(abstract_model, nnx.Param)))
         opt = _opt_shardings(jax.eval_shape(tx.init, params), params, mesh)
-        state = {"params": params, "opt": opt, "ema": params if stage.ema else None,
-                 "step": _sds((), jnp.int32, mesh, PartitionSpec())}
+        scalar = lambda dtype: _sds((), dtype, mesh, PartitionSpec())  # noqa: E731
+        state = {"params": params, "opt": opt, "ema": params if stage.ema else None, "step": scalar(jnp.int32),
+                 "vae_scale": scalar(jnp.float32), "nonfinite": scalar(jnp.int32)}
         batch = abstract_batch(stage, mesh, bucket)
         step = make_train_step(graphdef, rest, stage, tx, cfg.seed)
         lowered = step.lower(state, batch)

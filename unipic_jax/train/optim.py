@@ -42,10 +42,34 @@ def schedule(lr: float, steps: int, warmup: float = 0.0, kind: str = "constant")
     return optax.join_schedules([optax.linear_schedule(0.0, lr, w), optax.constant_schedule(lr)], [w])
 
 
-def decay_mask(params, no_decay_prefixes: Sequence[str] = ("diffloss",)):
-    """True where weight decay applies: tensors of rank >= 2 outside ``no_decay_prefixes``."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.ndim(x) >= 2 and not any(path_of(p).startswith(q) for q in no_decay_prefixes), params)
+def stacked_leaves(param_state):
+    """``True`` for each parameter of an ``nnx.State`` of Variables whose first logical axis is
+    ``"layers"`` (blocks stacked for ``nnx.scan``), as a tree shaped like
+    ``sharding.pure(param_state)``."""
+    from flax import nnx
+
+    def f(v):
+        names = v.get_metadata().get("out_sharding") or (None,)
+        return bool(names[0] == "layers")
+
+    return nnx.to_pure_dict(jax.tree.map(f, param_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def decay_mask(params, no_decay_prefixes: Sequence[str] = ("diffloss",), stacked=None):
+    """True where weight decay applies: tensors of rank >= 2 outside ``no_decay_prefixes``.
+    ``stacked`` (a tree of bools, :func:`stacked_leaves`) marks tensors with a leading layer
+    axis, whose rank is counted without it (a stack of biases stays a bias)."""
+    def f(p, x, s=False):
+        return jnp.ndim(x) - int(s) >= 2 and not any(path_of(p).startswith(q) for q in no_decay_prefixes)
+
+    if stacked is None:
+        return jax.tree_util.tree_map_with_path(f, params)
+    return jax.tree_util.tree_map_with_path(f, params, _like(stacked, params))
+
+
+def _like(tree, params):
+    """``tree`` (a nested dict) with the structure of ``params`` (an ``nnx.State`` or dict)."""
+    return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(tree))
 
 
 def trainable_labels(params, trainable: Sequence[str]):
@@ -60,19 +84,28 @@ def trainable_labels(params, trainable: Sequence[str]):
 
 def make_optimizer(params, *, lr: float, steps: int, warmup: float = 0.0, kind: str = "constant",
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95, clip: float = 1.0,
-                   trainable: Sequence[str] = ("",), accumulate: int = 1) -> optax.GradientTransformation:
-    """The stage's optimizer (see the module docstring). ``accumulate > 1`` sums that many
-    micro-batches' gradients into one update (``optax.MultiSteps``)."""
+                   trainable: Sequence[str] = ("",), accumulate: int = 1,
+                   stacked=None) -> optax.GradientTransformation:
+    """The stage's optimizer (see the module docstring). ``steps`` counts updates: the
+    schedule advances once per applied update. ``accumulate > 1`` averages that many
+    micro-batches' gradients into one update (``optax.MultiSteps``). ``stacked``: see
+    :func:`decay_mask`."""
     labels = trainable_labels(params, trainable)
     if not any(v == "train" for v in jax.tree.leaves(labels)):
         raise ValueError(f"trainable={tuple(trainable)} matches no parameter")
     tx = optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.adamw(schedule(lr, steps, warmup, kind), b1=b1, b2=b2, weight_decay=weight_decay,
-                    mask=decay_mask(params)),
+                    mask=decay_mask(params, stacked=stacked)),
     )
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return optax.MultiSteps(tx, accumulate).gradient_transformation() if accumulate > 1 else tx
+
+
+def applied(opt_state, accumulate: int) -> jax.Array | bool:
+    """Whether the update that produced ``opt_state`` was applied (``MultiSteps`` applies one
+    every ``accumulate`` micro-batches and then resets its micro-step counter to 0)."""
+    return True if accumulate <= 1 else opt_state.mini_step == 0
 
 
 def ema_update(ema, params, decay: float, labels=None):

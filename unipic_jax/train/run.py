@@ -12,28 +12,35 @@ Config fields (see ``configs/demo.py``):
   UniPic-1 release) and the parameter prefixes taken from them, see
   :mod:`unipic_jax.train.warm_start`;
 * ``data``: the source (the shapes world's ``length`` and canvas ``sizes``, TFDS or JSONL);
-* ``stage_order`` and ``stages``: see :class:`unipic_jax.train.trainer.Stage`;
+* ``stage_order`` and ``stages``: see :mod:`unipic_jax.train.stages`;
 * ``train``: ``log_every``, ``checkpoint_every``, ``keep``, ``progress``, ``sample_every``
   with ``sample_prompts`` (a PNG grid under ``WORKDIR/samples`` and in TensorBoard every that
   many steps);
-* ``eval``: held-out shapes prompts per category, image ``size``, sampling settings.
+* ``eval``: the final evaluation's held-out shapes prompts and sampling settings, see
+  :func:`unipic_jax.eval.shapes.settings` (saved with the model for ``eval.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 from flax import nnx
 
-from unipic_jax import checkpoint, sharding
+from unipic_jax import checkpoint, distributed, sharding
+from unipic_jax.files import write_json
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import sources as sources_lib
+from unipic_jax.eval import shapes as shapes_eval
 from unipic_jax.models import unipic
-from unipic_jax.train.trainer import Stage, Trainer, set_vae_scale, write_json
+from unipic_jax.train.stages import Stage, set_vae_scale
+from unipic_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,21 @@ def load_config(path, arg: str | None = None):
 
 
 def build_tokenizer(cfg, workdir: Path):
+    """``cfg.tokenizer``: a folder, or ``"shapes"``: the shapes world's tokenizer, written once
+    to ``WORKDIR/tokenizer`` by process 0 (into a temporary folder, then renamed) while the
+    other processes wait, then read by all."""
     if cfg.tokenizer == "shapes":
         from unipic_jax.data import shapes_tokenizer
 
         path = workdir / "tokenizer"
-        if not (path / "tokenizer.json").exists() and jax.process_index() == 0:
-            shapes_tokenizer.build(path)
+        if distributed.is_main() and not (path / "tokenizer.json").exists():
+            tmp = workdir / f".tokenizer.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary folder
+            shapes_tokenizer.build(tmp)
+            if path.exists():  # a folder without tokenizer.json: never ours to delete
+                raise FileExistsError(f"{path} exists but holds no tokenizer.json; move it away")
+            os.replace(tmp, path)
+        distributed.barrier("tokenizer written")
         return tok_lib.load_tokenizer(path)
     return tok_lib.load_tokenizer(cfg.tokenizer)
 
@@ -114,10 +130,18 @@ def build_sources(cfg, tasks=sources_lib.TASKS) -> dict[str, Any]:
 
 
 def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
-    """Trains (or resumes) the run in ``workdir``; returns the final summary."""
+    """Trains (or resumes) the run in ``workdir`` on every process of the run; returns the
+    final summary. Process 0 writes the run files (``summary.json``, ``history.json``,
+    ``metrics.jsonl``); checkpoints and the final model are written by all processes together.
+
+    ``WORKDIR/model`` always holds the model of the newest finished run: it is saved (with
+    the sampling settings of ``cfg.eval`` in ``eval.json`` and the step in ``step.json``)
+    whenever training ends at a step other than the one it holds, into a temporary folder
+    that replaces the old one only once complete."""
     workdir = Path(workdir)
+    distributed.initialize()
     workdir.mkdir(parents=True, exist_ok=True)
-    sharding.initialize_distributed()
+    distributed.check_same("config", cfg, hint="pass the same --config file and --config.* overrides")
     mesh = sharding.make_mesh(dict(cfg.mesh))
     tok = build_tokenizer(cfg, workdir)
     mc = model_config(cfg, tok)
@@ -135,90 +159,44 @@ def run(cfg, workdir: str, max_steps: int | None = None) -> dict:
     needed = sorted({t for st in stages for t in st.data.batch_size})
     trainer = Trainer(model, stages, build_sources(cfg, needed), tok, workdir, seed=cfg.seed,
                       log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every, keep=cfg.train.keep,
-                      sample_every=int(cfg.train.get("sample_every", 0)), sample_fn=sample_fn(cfg, tok),
+                      sample_every=int(cfg.train.get("sample_every", 0)), sample_fn=shapes_eval.sample_fn(cfg, tok),
                       progress=cfg.train.get("progress", True))
     result = trainer.run(max_steps=max_steps)
     summary: dict[str, Any] = {"steps": result.steps, "final_metrics": result.last_metrics, "params": n_params}
-    write_json(workdir / "history.json", result.history)
+    if distributed.is_main():
+        write_json(workdir / "history.json", result.history)
     if result.stopped:
         summary["stopped"] = True
         return summary
-    final = workdir / "model"
-    if jax.process_index() == 0 and not (final / checkpoint.CONFIG).exists():
-        checkpoint.save_model(final, model, overwrite=True)
+    settings = shapes_eval.settings(cfg.eval)
+    final = save_final_model(model, workdir, result.steps, settings)
     summary["model"] = str(final)
-    if cfg.eval.get("per_category", 0):
-        summary.update(evaluate(model, tok, cfg.eval, workdir))
-    write_json(workdir / "summary.json", summary)
+    if settings["per_category"]:
+        summary.update(shapes_eval.benchmark(model, tok, settings, workdir / "eval"))
+    if distributed.is_main():
+        write_json(workdir / "summary.json", summary)
+    distributed.barrier("run finished")
     return summary
 
 
-def sample_prompts(cfg) -> list[str]:
-    """``train.sample_prompts``, or the first held-out shapes prompt of each GenEval category."""
-    prompts = list(cfg.train.get("sample_prompts", ()) or ())
-    if not prompts:
-        from unipic_jax.data import shapes as world
-
-        prompts = [world.t2i_example(i, "validation", seed=cfg.seed, category=c)["prompt"]
-                   for i in range(2) for c in world.CATEGORIES]
-    return prompts
-
-
-def sample_fn(cfg, tok):
-    """The periodic sample grid of a run (``train.sample_every`` steps): the fixed prompts of
-    :func:`sample_prompts` at the stage's first bucket, sampled as ``eval`` says (same seed
-    every time, so grids of successive steps compare)."""
-    if not int(cfg.train.get("sample_every", 0)):
-        return None
-    from unipic_jax import sample
-    from unipic_jax.eval import shapes as shapes_eval
-
-    prompts, e = sample_prompts(cfg), cfg.eval
-
-    def fn(model, stage, step):
-        del step
-        if stage.kind != "unipic":
-            return None
-        images = sample.text_to_image(model, tok, prompts, size=tuple(stage.data.buckets[0]), seed=cfg.seed,
-                                      num_iter=int(e.num_iter), cfg=float(e.cfg), temperature=float(e.temperature))
-        return shapes_eval.grid(images, cols=min(len(prompts), 6))
-
-    return fn
-
-
-def evaluate(model, tok, ecfg, workdir: Path) -> dict:
-    """The shapes benchmark on held-out prompts; writes ``samples.png`` (one row per category)."""
-    from unipic_jax import sample
-    from unipic_jax.eval import shapes as shapes_eval
-
-    kw = dict(num_iter=int(ecfg.num_iter), cfg=float(ecfg.cfg), cfg_schedule=str(ecfg.get("cfg_schedule", "constant")),
-              temperature=float(ecfg.temperature))
-    res = shapes_eval.t2i(model, tok, size=tuple(ecfg.size), per_category=int(ecfg.per_category), **kw)
-    path = workdir / "samples.png"
-    sample.save_png(shapes_eval.grid(res["images"], cols=int(ecfg.per_category))[None], [path])
-    out = {"t2i": res["scores"], "samples": str(path)}
-    if ecfg.get("edit_per_kind", 0):
-        out["edit"] = shapes_eval.edit(model, tok, size=tuple(ecfg.size), per_kind=int(ecfg.edit_per_kind), **kw)[
-            "scores"]
-    if ecfg.get("qa", 0):
-        out["understanding"] = {"accuracy": shapes_eval.understanding(model, tok, size=tuple(ecfg.size),
-                                                                      n=int(ecfg.qa))["accuracy"]}
-    return out
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"trained {summary['steps']} steps; model in {summary.get('model')}"]
-    if "t2i" in summary:
-        s = summary["t2i"]
-        lines.append("shapes benchmark (held-out prompts, GenEval rules): overall %.3f" % s["overall"])
-        lines += [f"  {k:14s} {v:.3f}" for k, v in s["categories"].items()]
-        lines.append(f"  objects per image: {s['objects']:.2f} detected, {s['prompted_objects']:.2f} prompted")
-    if "edit" in summary:
-        lines.append("editing: overall %.3f  %s" % (summary["edit"]["overall"], {k: round(v, 3) for k, v in
-                                                                                 summary["edit"]["categories"].items()}))
-    if "understanding" in summary:
-        lines.append("understanding exact match: %.3f" % summary["understanding"]["accuracy"])
-    if "samples" in summary:
-        lines.append(f"sample grid: {summary['samples']}")
-    return "\n".join(lines)
-
+def save_final_model(model, workdir: Path, step: int, settings: dict) -> Path:
+    """Saves ``WORKDIR/model`` (see :func:`run`) on every process; returns its path."""
+    final = workdir / "model"
+    done = final / "step.json"
+    if done.exists() and json.loads(done.read_text()).get("step") == step and (final / checkpoint.CONFIG).exists():
+        return final  # saved by an earlier call that stopped after it
+    tmp = workdir / f".model-{step}.partial"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of an interrupted save
+    distributed.barrier("final model: clean")
+    checkpoint.save_model(tmp, model, overwrite=True)  # collective
+    if distributed.is_main():
+        write_json(tmp / "eval.json", settings)
+        write_json(tmp / "step.json", {"step": step})
+        old = workdir / f".model-{step}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)  # the previous model, now replaced
+    distributed.barrier("final model: saved")
+    return final
