@@ -1,6 +1,7 @@
 """The Grain pipeline: deterministic, resolution buckets with static shapes, hosts agreeing on
-buckets with disjoint rows, exact resume (iterator state and Orbax), worker processes,
-TFDS and JSONL sources, bad rows counted and skipped."""
+buckets with disjoint rows that make up the one-host batch, sizes read lazily, exact resume
+(iterator state and Orbax), worker processes, per-step truncation counts, TFDS and JSONL
+sources, bad rows counted and skipped."""
 
 import json
 
@@ -90,7 +91,7 @@ def test_hosts_agree_on_buckets_and_take_disjoint_rows(srcs, tok):
 
 def test_each_epoch_visits_every_example_of_a_bucket_once(srcs, tok):
     p = make(srcs, tok, batch_size={"t2i": 4})
-    pool = p.pool["t2i"][0]
+    pool = p.bucket_examples("t2i", 0)
     per_epoch = len(pool) // 4
     steps = [s for s in range(600) if p.bucket(s) == 0][: 2 * per_epoch]
     for epoch in (steps[:per_epoch], steps[per_epoch:]):
@@ -120,11 +121,14 @@ def test_exact_resume_from_iterator_state_and_orbax(srcs, tok, tmp_path):
     assert int(want[0]["step"]) == 5
 
 
-def test_worker_processes_give_the_same_batches(srcs, tok):
-    p = make(srcs, tok, batch_size={"t2i": 2})
+def test_worker_processes_give_the_same_batches_and_counts(srcs, tok):
+    p = make(srcs, tok, batch_size={"t2i": 2}, max_text_len={"t2i": 18})
     it = p.iterator(num_workers=2)
     got = [next(it) for _ in range(4)]
-    assert all(same(g, p[s]) for s, g in enumerate(got))
+    made_here = p.truncated_before(4)  # recorded as the workers' batches arrive
+    ref = make(srcs, tok, batch_size={"t2i": 2}, max_text_len={"t2i": 18})
+    assert all(same(g, ref[s]) for s, g in enumerate(got))
+    assert made_here == ref.truncated_before(4) > 0
 
 
 def test_caption_dropout_and_understanding_labels(srcs, tok):
@@ -192,3 +196,140 @@ def test_jsonl_bad_rows_are_counted_and_skipped(tmp_path, tok, caplog):
     (tmp_path / "empty.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="no usable"):
         S.JsonlSource("t2i", tmp_path / "empty.jsonl")
+
+
+# -- multi-host, lazy sizes, truncation counts -------------------------------------------------
+
+ASPECTS = ((8, 8), (8, 12), (12, 8))  # nearest buckets 0, 1, 2 of BUCKETS
+
+
+class Fake:
+    """``n`` examples; example ``i`` is ``ASPECTS[i % 3]`` (its bucket is ``i % 3``), filled with
+    ``i % 256``, its text 20 words long when ``long(i)`` (else two words); counts ``size`` calls."""
+
+    def __init__(self, n, task="t2i", long=lambda i: False):
+        self.n, self.task, self.long, self.calls = n, task, long, 0
+
+    def __len__(self):
+        return self.n
+
+    def size(self, i):
+        self.calls += 1
+        return ASPECTS[i % 3]
+
+    def __getitem__(self, i):
+        img = np.full((*ASPECTS[i % 3], 3), i % 256, np.uint8)
+        text = " ".join(["word"] * 20) if self.long(i) else "a cat"
+        ex = {"image": img, "text": text, "metadata": ""}
+        if self.task == "edit":
+            ex["source"] = img
+        if self.task == "understanding":
+            ex["answer"] = "red"
+        return ex
+
+
+class FakeWithMetadata(Fake):
+    def all_sizes(self):
+        return np.asarray(ASPECTS)[np.arange(self.n) % 3]
+
+
+def test_construction_reads_a_bounded_number_of_sizes(tok):
+    srcs = {"t2i": Fake(10**6), "edit": Fake(10**6, "edit"), "understanding": Fake(10**6, "understanding")}
+    p = P.Pipeline(srcs, config(), tok, process_index=0, process_count=1)
+    probe = p.cfg.bucket_probe
+    assert srcs["t2i"].calls == srcs["edit"].calls == probe <= 4096 and srcs["understanding"].calls == 0
+    np.testing.assert_allclose(p.bucket_probs, 1 / 3, atol=0.03)  # estimated from the probe
+    for step in range(8):
+        b = p[step]
+        for t in ("t2i", "edit"):
+            idx = p.indices(t, step)
+            assert len(set(idx)) == len(idx) and (idx % 3 == int(b["bucket"])).all()
+            np.testing.assert_allclose(b[f"{t}/pixels"][:, 0, 0, 0], (idx % 256) / 127.5 - 1, atol=1e-6)
+    assert srcs["t2i"].calls == probe  # the first batches of each bucket lie in the probe
+    meta = {"t2i": FakeWithMetadata(10**6)}
+    q = P.Pipeline(meta, config(batch_size={"t2i": 4}), tok, process_index=0, process_count=1)
+    assert meta["t2i"].calls == 0 and q.bucket(0) in (0, 1, 2)
+    with pytest.raises(ValueError, match="shape"):
+        bad = FakeWithMetadata(5)
+        bad.all_sizes = lambda: np.ones((4, 2))
+        P.Pipeline({"t2i": bad}, config(batch_size={"t2i": 1}), tok, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="not positive"):
+        P.assign_buckets([(8, 8), (0, 8)], BUCKETS)
+
+
+def test_lazy_sizes_change_no_batch(tok):
+    """A tiny probe (sizes read as steps need them), a whole probe and sizes from metadata give
+    the same examples for every (bucket, k), in any order of requests (a resume)."""
+    lazy = P.Pipeline({"t2i": Fake(61)}, config(batch_size={"t2i": 4}, bucket_probe=5), tok, process_index=0,
+                      process_count=1)
+    whole = P.Pipeline({"t2i": Fake(61)}, config(batch_size={"t2i": 4}), tok, process_index=0, process_count=1)
+    meta = P.Pipeline({"t2i": FakeWithMetadata(61)}, config(batch_size={"t2i": 4}), tok, process_index=0,
+                      process_count=1)
+    assert lazy._scanned["t2i"] == 5 and whole._scanned["t2i"] == 61
+    for k in [17, 0, 3, 9, 4, 30]:  # past an epoch (5 batches of a bucket) first
+        for b in range(3):
+            rows = lazy._bucket_rows("t2i", b, k)
+            np.testing.assert_array_equal(rows, whole._bucket_rows("t2i", b, k))
+            np.testing.assert_array_equal(rows, meta._bucket_rows("t2i", b, k))
+    np.testing.assert_array_equal(whole.bucket_probs, meta.bucket_probs)
+    fresh = P.Pipeline({"t2i": Fake(61)}, whole.cfg, tok, process_index=0, process_count=1)
+    late = [fresh.indices("t2i", s) for s in range(40, 0, -1)]
+    np.testing.assert_array_equal(np.stack(late), np.stack([whole.indices("t2i", s) for s in range(40, 0, -1)]))
+
+
+def test_two_hosts_make_exactly_the_one_host_batch(srcs, tok):
+    kw = dict(caption_dropout=0.5, bucket_probe=8)  # a small probe: sizes are read lazily too
+    one = make(srcs, tok, **kw)
+    hosts = [make(srcs, tok, process_index=i, process_count=2, **kw) for i in range(2)]
+    uncond = tok(tok_lib.generation_prompt(None), add_special_tokens=False).input_ids
+    dropped = 0
+    for step in range(8):
+        want, got = one[step], [h[step] for h in hosts]
+        assert want.keys() == got[0].keys() == got[1].keys()
+        for k, v in want.items():
+            if v.ndim:
+                np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), v, err_msg=f"{k} at step {step}")
+            else:
+                assert got[0][k] == got[1][k] == v
+        np.testing.assert_array_equal(np.concatenate([h.caption_dropped(step) for h in hosts]),
+                                      one.caption_dropped(step))
+        dropped += sum(list(ids[m]) == uncond for ids, m in zip(want["t2i/input_ids"], want["t2i/attention_mask"],
+                                                                 strict=True))
+    assert 0 < dropped < 32  # rows of both kinds were compared
+
+
+def test_two_hosts_read_each_example_of_a_bucket_once_per_epoch(tok):
+    src = Fake(48)  # 16 examples per bucket: 4 whole batches of 4 per epoch
+    hosts = [P.Pipeline({"t2i": src}, config(batch_size={"t2i": 4}), tok, process_index=i, process_count=2)
+             for i in range(2)]
+    for b in range(3):
+        steps = [s for s in range(400) if hosts[0].bucket(s) == b][:8]
+        assert len(steps) == 8 and all(hosts[1].bucket(s) == b for s in steps)
+        for epoch in (steps[:4], steps[4:]):
+            rows = [[h.indices("t2i", s) for s in epoch] for h in hosts]
+            for r0, r1 in zip(*rows, strict=True):
+                assert len(r0) == len(r1) == 2 and not set(r0) & set(r1)
+            seen = np.concatenate([np.concatenate(r) for r in rows])
+            assert sorted(seen) == list(range(b, 48, 3))  # every example of the bucket, once
+
+
+def test_truncation_is_counted_per_step_and_summed_over_hosts(tok):
+    src = Fake(60, long=lambda i: i % 2 == 0)
+    kw = dict(batch_size={"t2i": 4}, max_text_len={"t2i": 20}, caption_dropout=0.0)
+    one = P.Pipeline({"t2i": src}, config(**kw), tok, process_index=0, process_count=1)
+    hosts = [P.Pipeline({"t2i": src}, config(**kw), tok, process_index=i, process_count=2) for i in range(2)]
+    want = [int((one.indices("t2i", s) % 2 == 0).sum()) for s in range(6)]
+    assert sum(want) > 0
+    one[0], one[0]  # made twice (prefetch, a retry): counted once
+    assert one.truncated == want[0]
+    it = one.iterator(read_threads=2)
+    for _ in range(3):
+        next(it)  # the iterator makes batches ahead
+    assert one.truncated_before(3) == P.global_truncated(one, 3) == sum(want[:3])
+    assert one.truncated >= sum(want[:3])
+    for s in range(6):
+        for h in hosts:
+            h[s]
+    assert [h.truncated_before(6) for h in hosts] == [
+        sum(int((h.indices("t2i", s) % 2 == 0).sum()) for s in range(6)) for h in hosts]
+    assert sum(h.truncated_before(6) for h in hosts) == sum(want)

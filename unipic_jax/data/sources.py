@@ -2,7 +2,9 @@
 
 Every source has ``len(source)``, ``source.size(i) → (height, width)`` of the example's
 (target) image, known without decoding it (the pipeline assigns resolution buckets from
-it), and ``source[i]`` → a raw example dict::
+it, reading sizes lazily), optionally ``source.all_sizes()`` → an ``(N, 2)`` int array of
+every size when stored metadata gives them at no cost per example (``None`` otherwise), and
+``source[i]`` → a raw example dict::
 
     t2i            {"image": uint8 HWC, "text": caption, "metadata": json str ("" if none)}
     edit           {"source": uint8 HWC, "image": uint8 HWC (target), "text": instruction, "metadata": ...}
@@ -53,7 +55,7 @@ class ShapesSource:
         self.task, self.split, self.seed, self.length = _check_task(task), split, seed, length
         self.sizes = tuple(tuple(s) for s in sizes)
         world.rng_for(split, seed, 0)  # validates the split
-        self._sizes: dict[int, tuple[int, int]] = {}  # each stage's pipeline asks for every size
+        self._sizes: dict[int, tuple[int, int]] = {}  # every stage's pipeline asks again
 
     def __len__(self) -> int:
         return self.length
@@ -93,9 +95,9 @@ class TfdsSource:
     """A split of a TFDS ArrayRecord data set, read with ``tfds.data_source``.
 
     ``name`` is a registered builder name (``"shapes_world/t2i"``) or a prepared data
-    folder (``.../shapes_world/t2i/1.0.0``). Image sizes come from ``height``/``width``
-    features when the data set has them; otherwise every image is decoded once, at
-    construction, to learn its size."""
+    folder (``.../shapes_world/t2i/1.0.0``). ``size(i)`` reads record ``i`` without decoding
+    its images: the ``height``/``width`` features when the data set has them, otherwise the
+    header of the encoded (target) image."""
 
     def __init__(self, task: str, name: str, split: str = "train", data_dir: str | None = None,
                  features: dict[str, str] | None = None):
@@ -115,21 +117,26 @@ class TfdsSource:
                              f"features={{our_name: their_name}} (ours: {sorted(self.features)})")
         self.ds = builder.as_data_source(split=split)
         images = [f for k, f in self.features.items() if k in ("image", "source")]
-        if {"height", "width"} <= info_feats:  # sizes without decoding any image
-            self._meta = builder.as_data_source(split=split, decoders={f: tfds.decode.SkipDecoding() for f in images})
-            self._sizes = None
-        else:
-            log.warning("%s has no height/width features: decoding %d images once to bucket them", name, len(self.ds))
-            self._sizes = [tuple(np.shape(self.ds[i][self.features["image"]])[:2]) for i in range(len(self.ds))]
+        self._hw = {"height", "width"} <= info_feats  # sizes from features, else from image headers
+        self._meta = builder.as_data_source(split=split, decoders={f: tfds.decode.SkipDecoding() for f in images})
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def size(self, i: int) -> tuple[int, int]:
-        if self._sizes is not None:
-            return self._sizes[i]
         ex = self._meta[i]
-        return int(ex["height"]), int(ex["width"])
+        if self._hw:
+            return int(ex["height"]), int(ex["width"])
+        import io
+
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(bytes(ex[self.features["image"]]))) as im:
+                w, h = im.size
+        except OSError as e:
+            raise ImageError(f"record {i} of {self.name}: unreadable image header ({e})") from e
+        return h, w
 
     def __getitem__(self, i: int) -> dict:
         ex = self.ds[i]
@@ -244,7 +251,9 @@ class JsonlSource:
 
     Paths are relative to the manifest's folder. Rows that are not JSON objects, lack a
     required key or name a missing file are skipped (``self.skipped`` counts them, and one
-    warning names the first few). Image sizes are read from the file headers."""
+    warning names the first few). The (target) image's size is the row's ``height`` and
+    ``width`` when it has both (positive integers; then the file is only checked to exist),
+    else it is read from the file's header."""
 
     def __init__(self, task: str, path: str | os.PathLike):
         from PIL import Image
@@ -269,8 +278,15 @@ class JsonlSource:
                     for k in ("source", "image"):
                         if k in row:
                             row[k] = str(self.path.parent / row[k])
-                    with Image.open(row["image"]) as im:
-                        w, h = im.size
+                    if "height" in row or "width" in row:
+                        h, w = row.get("height"), row.get("width")
+                        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (h, w)):
+                            raise ValueError(f"height/width must both be positive integers, got {h!r}/{w!r}")
+                        if not os.path.isfile(row["image"]):
+                            raise OSError(f"no such file: {row['image']}")
+                    else:
+                        with Image.open(row["image"]) as im:
+                            w, h = im.size
                 except (ValueError, OSError) as e:
                     problems.append(f"line {lineno}: {e}")
                     continue
@@ -288,6 +304,9 @@ class JsonlSource:
 
     def size(self, i: int) -> tuple[int, int]:
         return self.sizes[i]
+
+    def all_sizes(self) -> np.ndarray:
+        return np.asarray(self.sizes, np.int64).reshape(-1, 2)
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
@@ -315,6 +334,10 @@ class Guarded:
 
     def size(self, i: int) -> tuple[int, int]:
         return self.source.size(i)
+
+    def all_sizes(self) -> np.ndarray | None:
+        fn = getattr(self.source, "all_sizes", None)
+        return None if fn is None else fn()
 
     def __getitem__(self, i: int) -> dict:
         for k in range(self.max_tries):
