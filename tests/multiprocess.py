@@ -50,21 +50,24 @@ def base_env(devices: int, extra: dict | None = None) -> dict:
 
 
 class Group:
-    """``n`` processes running ``argv`` as one JAX runtime (``n = 1``: a plain process)."""
+    """``n`` processes running ``argv`` as one JAX runtime (``n = 1``: a plain process).
+    ``argv``, ``devices`` and ``env`` may be functions of the process index (processes that
+    disagree, for the tests of that)."""
 
-    def __init__(self, argv, n: int = 2, devices: int = 4, env: dict | None = None, cwd=ROOT):
+    def __init__(self, argv, n: int = 2, devices=4, env=None, cwd=ROOT):
         self.n = n
         self.dir = Path(tempfile.mkdtemp(prefix="mp-"))
         port = free_port()
         self.procs, self._files = [], []
         for i in range(n):
-            e = base_env(devices, env)
+            e = base_env(devices(i) if callable(devices) else devices, env(i) if callable(env) else env)
             if n > 1:
                 e.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n),
                           "JAX_PROCESS_ID": str(i)})
             out, err = open(self.dir / f"{i}.out", "w"), open(self.dir / f"{i}.err", "w")  # noqa: SIM115
             self._files += [out, err]
-            self.procs.append(subprocess.Popen([str(a) for a in argv], env=e, cwd=cwd, stdout=out, stderr=err,
+            args = argv(i) if callable(argv) else argv
+            self.procs.append(subprocess.Popen([str(a) for a in args], env=e, cwd=cwd, stdout=out, stderr=err,
                                                stdin=subprocess.DEVNULL))
 
     def kill(self, i: int | None = None, sig=signal.SIGKILL):
@@ -92,7 +95,7 @@ class Group:
                 for i, p in enumerate(self.procs)]
 
 
-def run(argv, n: int = 2, devices: int = 4, timeout: float = 600, env: dict | None = None) -> list[Result]:
+def run(argv, n: int = 2, devices=4, timeout: float = 600, env=None) -> list[Result]:
     """Runs ``argv`` on ``n`` processes × ``devices`` CPU devices; returns each one's result."""
     return Group(argv, n, devices, env).wait(timeout)
 

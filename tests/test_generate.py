@@ -49,7 +49,7 @@ def test_convert_cli_round_trip(converted):
 def test_generate_edit_describe(converted, capsys):
     d, _ = converted
     out = d / "gen" / "a.png"
-    common = ["--checkpoint", str(d / "ckpt"), "--size", "16", "--num-iter", "2"]
+    common = ["--checkpoint", str(d / "ckpt"), "--size", "16", "--num_iter", "2"]
     assert generate_main(common + ["--prompt", "a red circle", "--prompt", "a blue square", "--out", str(out)]) == 0
     files = [d / "gen" / "a_0.png", d / "gen" / "a_1.png"]
     assert all(f.exists() for f in files)
@@ -58,9 +58,9 @@ def test_generate_edit_describe(converted, capsys):
     assert generate_main(common + ["--edit", str(files[0]), "--instruction", "make it green", "--out",
                                    str(edited), "--cfg", "1"]) == 0
     assert np.asarray(Image.open(edited)).shape == (16, 16, 3)
-    assert generate_main(common + ["--describe", str(files[1]), "--question", "What?", "--max-new-tokens", "3"]) == 0
+    assert generate_main(common + ["--describe", str(files[1]), "--question", "What?", "--max_new_tokens", "3"]) == 0
     # the release folder itself works too (converted on the fly; its tokenizer found in the Qwen folder)
-    assert generate_main(["--checkpoint", str(d / "release"), "--config", "tiny", "--size", "16", "--num-iter", "1",
+    assert generate_main(["--checkpoint", str(d / "release"), "--config", "tiny", "--size", "16", "--num_iter", "1",
                           "--prompt", "x", "--out", str(d / "gen" / "r.png")]) == 0
     assert (d / "gen" / "r.png").exists()
 
@@ -68,7 +68,7 @@ def test_generate_edit_describe(converted, capsys):
 def test_bad_input_is_an_error_message(converted, capsys):
     d, _ = converted
     (d / "not_an_image.png").write_text("hello")
-    common = ["--checkpoint", str(d / "ckpt"), "--size", "16", "--num-iter", "1"]
+    common = ["--checkpoint", str(d / "ckpt"), "--size", "16", "--num_iter", "1"]
     assert generate_main(common + ["--edit", str(d / "not_an_image.png"), "--instruction", "x"]) == 2
     assert "not_an_image.png" in capsys.readouterr().err
     assert generate_main(["--checkpoint", str(d / "missing"), "--prompt", "x"]) == 2

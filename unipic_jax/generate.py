@@ -8,7 +8,7 @@
 or by training, or the release folder itself (``pytorch_model.bin``, ``kl16.ckpt`` and the
 Qwen2.5 folder, converted on the fly). The tokenizer is read from ``--tokenizer``, else
 ``CKPT/tokenizer/``, else the release's Qwen2.5 folder. Several ``--prompt`` (or ``--seed``
-with ``--num-images``) give several images: ``a.png`` becomes ``a_0.png``, ``a_1.png``, ...
+with ``--num_images``) give several images: ``a.png`` becomes ``a_0.png``, ``a_1.png``, ...
 Defaults follow the release scripts: 1024×1024 pixels for generation and editing, 512 for
 understanding, 32 iterations, CFG 3.0 (constant), temperature 1.0 (0.85 for editing).
 """
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from unipic_jax import checkpoint, sharding
+from unipic_jax import checkpoint, distributed, sharding
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -79,16 +79,16 @@ def main(argv=None) -> int:
     p.add_argument("--instruction", help="editing instruction")
     p.add_argument("--question", default="Describe this image.", help="question for --describe")
     p.add_argument("--out", default="out.png", help="output PNG (several images: out_0.png, out_1.png, ...)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt, each with its own seed")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt, each with its own seed")
     p.add_argument("--size", type=_size, default=None,
                    help="image size in pixels: N or HxW (default 1024; 512 for --describe)")
-    p.add_argument("--num-iter", type=int, default=32, help="MAR sampling iterations (default 32)")
+    p.add_argument("--num_iter", type=int, default=32, help="MAR sampling iterations (default 32)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale; 1 disables (default 3)")
-    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
+    p.add_argument("--cfg_schedule", choices=("constant", "linear"), default="constant")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default 1.0; 0.85 for editing)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit for --describe")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit for --describe")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: CKPT/tokenizer or the Qwen folder)")
     p.add_argument("--dtype", default=None, help="compute/parameter dtype, e.g. bfloat16 (default: as stored)")
     p.add_argument("--config", default=None, help="UniPicConfig preset for a release folder (default unipic_1_5b)")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     if args.edit and not args.instruction:
         p.error("--edit needs --instruction")
     if args.num_images < 1:
-        p.error("--num-images must be >= 1")
+        p.error("--num_images must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from unipic_jax import sample
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         if not ckpt.is_dir():
             raise FileNotFoundError(f"--checkpoint {ckpt} is not a folder")
         tok = tok_lib.load_tokenizer(find_tokenizer(ckpt, args.tokenizer))
+        distributed.initialize()  # several processes: JAX_COORDINATOR_ADDRESS etc. (docs/multihost.md)
         mesh = sharding.make_mesh(args.mesh)
         t0 = time.time()
         model = load(ckpt, mesh=mesh, dtype=args.dtype, config=args.config)
@@ -117,8 +118,10 @@ def main(argv=None) -> int:
         opts = dict(size=size, num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                     progress=True)
         if args.describe:
-            print(sample.describe(model, tok, [args.describe], [args.question], size=size,
-                                  max_new_tokens=args.max_new_tokens)[0])
+            answer = sample.describe(model, tok, [args.describe], [args.question], size=size,
+                                     max_new_tokens=args.max_new_tokens)[0]
+            if distributed.is_main():
+                print(answer)
             return 0
         images = []
         for i in range(args.num_images):
@@ -130,9 +133,10 @@ def main(argv=None) -> int:
                 images.extend(sample.text_to_image(model, tok, args.prompt, seed=args.seed + i,
                                                    temperature=1.0 if args.temperature is None else args.temperature,
                                                    **opts))
-        for path in sample.save_png(images, _outputs(args.out, len(images))):
-            print(path)
-    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        if distributed.is_main():  # every process computed the same images
+            for path in sample.save_png(images, _outputs(args.out, len(images))):
+                print(path)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

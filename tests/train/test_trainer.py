@@ -217,3 +217,62 @@ def test_optimizer_masks():
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u1))  # accumulating
     assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(u2))  # applied on the second micro-step
 
+
+
+def test_accumulation_counts_updates_and_ema_moves_only_when_one_is_applied(mcfg, tok):
+    """``steps`` counts updates: with ``accumulate=2`` the schedule advances once per two
+    micro-batches, and parameters and EMA change only on the second."""
+    from unipic_jax.data import pipeline as P
+
+    st = stages(mcfg, gen_steps=3, accumulate=2, schedule="cosine")[1]
+    model = U.UniPic(mcfg, rngs=nnx.Rngs(1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = sharding.pure(params)
+    tx = st.optimizer(params)
+    step = make_train_step(graphdef, rest, st, tx, seed=0)
+    state = init_state(params, tx, st, 0)
+    pipe = P.Pipeline(sources(), st.data, tok, process_index=0, process_count=1)
+    trained = lambda s, k: np.concatenate([np.ravel(x) for x in jax.tree.leaves(s[k]["mar"])])  # noqa: E731
+    seen = []
+    for k in range(2 * st.steps):
+        before = {key: trained(state, key) for key in ("params", "ema")}
+        state, _ = step(state, {key: v for key, v in pipe[k].items() if key not in ("step", "bucket")})
+        seen.append(tuple(not np.array_equal(before[key], trained(state, key)) for key in ("params", "ema")))
+    assert seen == [(False, False), (True, True)] * st.steps
+    inner = state["opt"].inner_opt_state
+    counts = {int(x) for x in jax.tree.leaves(inner) if np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype,
+                                                                                         np.integer)}
+    assert counts == {st.steps}  # Adam's count and the schedule's: one per applied update
+
+
+def test_non_finite_is_caught_between_logs_and_never_checkpointed(mcfg, tok, tmp_path):
+    """With no log before the stage's end, the step's on-device flag still names the first
+    non-finite update, before a checkpoint (every 2 updates) would have saved the broken state."""
+    model = U.UniPic(mcfg, rngs=nnx.Rngs(0))
+    t = Trainer(model, stages(mcfg, gen_steps=5, lr=1e30, clip=0.0)[1:], sources(), tok, tmp_path, log_every=100,
+                checkpoint_every=2, progress=False, tensorboard=False)
+    with pytest.raises(NonFiniteLoss, match=r"global step 2: non-finite"):
+        t.run()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_vae_scale_calibration_is_one_compile_over_global_batches(mcfg, tok, caplog):
+    from unipic_jax.data import pipeline as P
+    from unipic_jax.train import stages as stages_lib
+
+    st = stages(mcfg)[0]
+    st.calibrate_scale = True
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    model = sharding.create_sharded(lambda: U.UniPic(mcfg, rngs=nnx.Rngs(0)), mesh)
+    pipe = P.Pipeline(sources(), st.data, tok, process_index=0, process_count=1)
+
+    class T:  # what calibrate_vae_scale reads of the trainer
+        pass
+
+    t = T()
+    t.model, t.mesh = model, mesh
+    with caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"), jax.log_compiles():
+        scale = stages_lib.calibrate_vae_scale(t, st, nnx.state(model, nnx.Param), pipe, batches=4)
+    assert len([r for r in caplog.records if r.getMessage().startswith("Compiling jit(moments)")]) == 1
+    means = np.concatenate([np.asarray(model.vae.posterior(pipe[k]["t2i/pixels"])[0]).ravel() for k in range(4)])
+    assert scale == pytest.approx(1.0 / means.std(), rel=1e-4) and model.config.vae.scale == scale

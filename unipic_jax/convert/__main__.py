@@ -2,9 +2,9 @@
 unipic-jax Orbax checkpoints.
 
     python -m unipic_jax.convert hf-to-orbax      HF_DIR      CKPT_DIR [--dtype bfloat16] [--mesh fsdp=-1]
-    python -m unipic_jax.convert orbax-to-hf      CKPT_DIR    HF_DIR   [--max-shard-size 5GB] [--overwrite]
+    python -m unipic_jax.convert orbax-to-hf      CKPT_DIR    HF_DIR   [--max_shard_size 5GB] [--overwrite]
     python -m unipic_jax.convert unipic-to-orbax  RELEASE_DIR CKPT_DIR [--config unipic_1_5b]
-                                                  [--set mar.num_heads=16 ...] [--llm-dir DIR]
+                                                  [--set mar.num_heads=16 ...] [--llm_dir DIR]
     python -m unipic_jax.convert orbax-to-unipic  CKPT_DIR    RELEASE_DIR
 
 A release folder holds ``pytorch_model.bin`` (or ``model.safetensors``), ``kl16.ckpt`` and the
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     b.add_argument("src", help="checkpoint folder written by hf-to-orbax or training")
     b.add_argument("dst", help="new Hugging Face folder")
     b.add_argument("--dtype", default=None, help="dtype of the written tensors (default: as stored)")
-    b.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")
+    b.add_argument("--max_shard_size", default="5GB", help="split safetensors above this size (default 5GB)")
     c = sub.add_parser("unipic-to-orbax", help="the UniPic-1 release folder -> Orbax model checkpoint")
     c.add_argument("src", help="folder with pytorch_model.bin (or model.safetensors), kl16.ckpt and the Qwen folder")
     c.add_argument("dst", help="new checkpoint folder")
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                    help="UniPicConfig preset giving what the tensors cannot tell (head counts; default unipic_1_5b)")
     c.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="PART.FIELD=V",
                    help="override a config field on the preset, e.g. --set mar.num_heads=16 (repeatable)")
-    c.add_argument("--llm-dir", default=None, help="the Qwen2.5 folder (default: the release's subfolder)")
+    c.add_argument("--llm_dir", default=None, help="the Qwen2.5 folder (default: the release's subfolder)")
     d = sub.add_parser("orbax-to-unipic", help="Orbax model checkpoint -> the UniPic-1 release layout")
     d.add_argument("src", help="checkpoint folder holding a UniPic model")
     d.add_argument("dst", help="new release folder")

@@ -11,7 +11,8 @@ deterministic).
 Checkpoints (:mod:`unipic_jax.train.checkpointing`) are written every ``checkpoint_every``
 updates, at the end of each stage and on SIGTERM (after the update in flight), keeping the
 last ``keep``; on restart the newest checkpoint that restores is used. Every ``log_every``
-updates the figures (means over the update's micro-batches) go to ``metrics.jsonl``,
+updates the figures (means over the update's micro-batches, and the count of texts the
+pipeline shortened in this call, over all processes) go to ``metrics.jsonl``,
 TensorBoard and the progress bar (:mod:`unipic_jax.train.metrics`). A non-finite loss stops
 the run at the next log or checkpoint, naming the step and the loss parts; the step froze the
 state at the last finite update, and no checkpoint is written from it.
@@ -126,7 +127,7 @@ class Trainer:
                     make_step = stage.spec.make_step or make_train_step
                     step_fn = make_step(graphdef, rest, stage, tx, self.seed)
                     state, last, n, stop = self._run_stage(
-                        si, stage, state, it, step_fn, first, history,
+                        si, stage, state, it, pipe, step_fn, first, history,
                         None if max_steps is None else max_steps - done_here,
                         view=lambda p, g=graphdef, r=rest: nnx.merge(g, p, r))
                 done_here += n
@@ -161,7 +162,7 @@ class Trainer:
                             f"({parts}); training stopped with the state of the update before it, and the last "
                             f"checkpoint in {self.ckpt.directory} is intact. Lower the learning rate or check the data.")
 
-    def _run_stage(self, si, stage: Stage, state, it, step_fn, first: int, history, budget, view=None):
+    def _run_stage(self, si, stage: Stage, state, it, pipe, step_fn, first: int, history, budget, view=None):
         offset = self.offsets()[si]
         examples = sum(stage.data.batch_size.values()) * stage.accumulate
         bar = None
@@ -193,6 +194,8 @@ class Trainer:
                     window = []
                     got = jax.device_get(micro)
                     last = {m: float(np.mean([g[m] for g in got])) for m in got[0]}
+                    # texts shortened to max_text_len in this call's global batches so far (a collective)
+                    last["truncated_texts"] = float(pipeline_lib.global_truncated(pipe, (u + 1) * stage.accumulate))
                     rate = n / max(time.perf_counter() - t0, 1e-9)
                     history.append({"step": step, **last})
                     self.log.scalars(stage.name, step, last, rate)
