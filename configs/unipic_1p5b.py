@@ -5,7 +5,9 @@
 
 The argument after ``:`` picks the stage (``pt``, ``align``, ``ct``, ``sft``); each stage is
 its own run. Every stage trains with AdamW β (0.9, 0.95), clipping at 1.0, bf16 compute with
-float32 master weights and rematerialisation; the VAE is frozen throughout.
+float32 master weights and rematerialisation; the VAE is frozen throughout. The repeated blocks
+(LLM layers, MAR blocks, diffusion-head blocks) are stacked and scanned (``scan_layers``), so a
+step compiles each block once.
 
 | stage | trained | lr / schedule | wd / warmup | EMA | generation / understanding px | und:gen:edit |
 | --- | --- | --- | --- | --- | --- | --- |
@@ -55,9 +57,9 @@ def get_config(stage: str = "ct") -> ml_collections.ConfigDict:
     c.init_parts = ("",)
     c.model = ml_collections.ConfigDict(dict(
         preset="unipic_1_5b",
-        overrides=dict(llm=dict(dtype="bfloat16", param_dtype="float32", remat="full"),
-                       mar=dict(dtype="bfloat16", param_dtype="float32", remat=True),
-                       diffloss=dict(dtype="bfloat16", param_dtype="float32"),
+        overrides=dict(llm=dict(dtype="bfloat16", param_dtype="float32", remat="full", scan_layers=True),
+                       mar=dict(dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True),
+                       diffloss=dict(dtype="bfloat16", param_dtype="float32", scan_layers=True),
                        vae=dict(dtype="bfloat16", param_dtype="float32"))))
     c.data = ml_collections.ConfigDict(dict(
         source="tfds", data_dir="", tfds=dict(t2i="t2i_dataset", edit="edit_dataset", understanding="qa_dataset"),

@@ -20,10 +20,12 @@ from unipic_jax.convert.mapping import KeyMap, path_str
 from unipic_jax.models import qwen2
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_word_embeddings=False, num_key_value_heads=1)])
-def test_round_trip_is_bit_identical(hf_qwen2, tmp_path, kw):
+@pytest.mark.parametrize("kw,scan", [(dict(), False), (dict(tie_word_embeddings=False, num_key_value_heads=1), False),
+                                     (dict(tie_word_embeddings=False), True)])
+def test_round_trip_is_bit_identical(hf_qwen2, tmp_path, kw, scan):
     path, _ = hf_qwen2(**kw)
-    model = convert.from_hf(path, progress=False)
+    model = convert.from_hf(path, progress=False, scan_layers=scan)
+    assert model.config.scan_layers == scan
     convert.to_hf(model, tmp_path / "back", progress=False)
     assert_same_tensors(path, tmp_path / "back")
     cfg_a = json.loads((path / "config.json").read_text())
@@ -78,6 +80,9 @@ def test_key_for_a_layer_the_config_lacks_is_named(hf_qwen2):
     _rewrite(path, lambda t: t.update({"model.layers.7.input_layernorm.weight": np.ones((64,), np.float32)}))
     with pytest.raises(ConversionError, match=r"model\.layers\.7\.input_layernorm\.weight \(would be layers\.7"):
         convert.from_hf(path, progress=False)
+    with pytest.raises(ConversionError, match=r"model\.layers\.7\.input_layernorm\.weight \(would be "
+                                              r"layers\.input_norm\.scale\[7\], but that stack has 2 blocks\)"):
+        convert.from_hf(path, progress=False, scan_layers=True)
 
 
 def test_missing_key_is_named(hf_qwen2):
@@ -91,7 +96,7 @@ def test_missing_key_is_named(hf_qwen2):
 def test_missing_half_of_a_stacked_parameter_is_named(hf_qwen2):
     path, _ = hf_qwen2()
     _rewrite(path, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
-    with pytest.raises(ConversionError, match=r"layers\.0\.mlp\.gate_up_proj\.kernel \(torch key "
+    with pytest.raises(ConversionError, match=r"layers\.0\.mlp\.gate_up_proj\.kernel\[1\] \(torch key "
                                               r"model\.layers\.0\.mlp\.up_proj\.weight\)"):
         convert.from_hf(path, progress=False)
 
@@ -151,22 +156,28 @@ def test_to_hf_never_clobbers_a_folder(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp")]
 
 
-def test_mapping_table_covers_every_parameter_both_ways():
+@pytest.mark.parametrize("scan", [False, True])
+def test_mapping_table_covers_every_parameter_both_ways(scan):
     for tied in (True, False):
-        cfg = qwen2.Qwen2Config.preset("tiny", tie_word_embeddings=tied)
+        cfg = qwen2.Qwen2Config.preset("tiny", tie_word_embeddings=tied, scan_layers=scan)
         abstract = nnx.eval_shape(lambda: qwen2.Qwen2(cfg, rngs=nnx.Rngs(0)))
-        km = KeyMap(tables.QWEN2_HF_RULES, tables.QWEN2_HF_IGNORED)
+        km = KeyMap(tables.qwen2_hf_rules(cfg), tables.QWEN2_HF_IGNORED)
         torch_keys = []
-        for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
             ours = path_str(p)
-            pairs = km.to_torch(ours)
-            assert pairs, ours
-            for torch_key, _ in pairs:
-                assert km.to_ours(torch_key)[0] == ours
+            slots = km.to_torch(ours, v.get_value().shape)
+            assert slots, ours
+            for torch_key, _, index in slots:
+                assert km.to_ours(torch_key)[0::2] == (ours, index)
                 torch_keys.append(torch_key)
-        assert len(torch_keys) == len(set(torch_keys))
-    assert km.to_ours("model.layers.12.mlp.up_proj.weight")[0] == "layers.12.mlp.gate_up_proj.kernel"
-    assert [r.stack for _, r in km.to_torch("layers.3.mlp.gate_up_proj.kernel")] == [0, 1]
+        assert len(torch_keys) == len(set(torch_keys)) == 2 + (not tied) + 12 * cfg.num_layers
+    if scan:
+        assert km.to_ours("model.layers.12.mlp.up_proj.weight")[0::2] == ("layers.mlp.gate_up_proj.kernel", (12, 1))
+        slots = {s.index: s.key for s in km.to_torch("layers.mlp.gate_up_proj.kernel", (2, 2, 8, 4))}
+        assert slots == {(i, j): f"model.layers.{i}.mlp.{('gate', 'up')[j]}_proj.weight" for i in (0, 1) for j in (0, 1)}
+    else:
+        assert km.to_ours("model.layers.12.mlp.up_proj.weight")[0] == "layers.12.mlp.gate_up_proj.kernel"
+        assert [s.rule.stack for s in km.to_torch("layers.3.mlp.gate_up_proj.kernel")] == [0, 1]
     assert km.to_ours("model.layers.x.mlp.up_proj.weight") is None
     assert km.ignored("model.layers.0.self_attn.rotary_emb.inv_freq")
 

@@ -62,15 +62,20 @@ def test_round_trip_is_bit_identical_and_dimensions_come_from_tensors(release, t
     assert convert.from_unipic(tmp_path / "wide", config={"preset": "tiny", "vae.num_groups": 32}).config == wide.config
     with pytest.raises(ConversionError, match="no valid UniPicConfig"):
         convert.from_unipic(tmp_path / "wide", config={"preset": "tiny", "vae.num_groups": 7})
-    convert.to_unipic(back, tmp_path / "again")
-    for name, inner in (("pytorch_model.bin", None), ("kl16.ckpt", "model")):
-        a, b = load(path / name), load(tmp_path / "again" / name)
-        a, b = (a[inner], b[inner]) if inner else (a, b)
-        assert sorted(a) == sorted(b)
-        for k in a:
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    scanned = convert.from_unipic(path, config={"preset": "tiny", "llm.scan_layers": True, "mar.scan_layers": True,
+                                                "diffloss.scan_layers": True})
+    assert scanned.llm.layers.attn.q_proj.kernel.shape[0] == 2 and scanned.mar.decoder_blocks.fc1.kernel.shape[0] == 2
+    for out, m in (("again", back), ("again_scanned", scanned)):
+        convert.to_unipic(m, tmp_path / out)
+        for name, inner in (("pytorch_model.bin", None), ("kl16.ckpt", "model")):
+            a, b = load(path / name), load(tmp_path / out / name)
+            a, b = (a[inner], b[inner]) if inner else (a, b)
+            assert sorted(a) == sorted(b)
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (out, k)
     lat = np.random.RandomState(0).randn(1, 4, 4, 4).astype(np.float32)
     np.testing.assert_array_equal(back.encode_image(lat)[1], model.encode_image(lat)[1])
+    np.testing.assert_allclose(scanned.encode_image(lat)[1], model.encode_image(lat)[1], atol=1e-6)
 
 
 def test_unused_and_unknown_keys(release, tmp_path):

@@ -41,23 +41,27 @@ def test_timestep_table_equals_the_mlp_per_token():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_release_keys_round_trip_bit_identical():
-    model = DL.DiffLoss(TINY, rngs=nnx.Rngs(0))
-    km = KeyMap(tables.DIFFLOSS_TORCH_RULES)
+@pytest.mark.parametrize("scan", [False, True])
+def test_release_keys_round_trip_bit_identical(scan):
+    cfg = TINY.replace(scan_layers=scan)
+    model = DL.DiffLoss(cfg, rngs=nnx.Rngs(0))
+    km = KeyMap(tables.diffloss_torch_rules(cfg))
     state = {}
     for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        (key, rule), = km.to_torch(path_str(p))
-        state[key] = ours_to_torch(rule, np.asarray(v[...]) + np.random.RandomState(len(state)).randn(*v.shape))
+        x = np.asarray(v[...]) + np.random.RandomState(len(state)).randn(*v.shape)
+        for key, rule, index in km.to_torch(path_str(p), v.shape):
+            state[key] = ours_to_torch(rule, x, index)
     assert state["net.res_blocks.1.adaLN_modulation.1.weight"].shape == (3 * 32, 32)
     assert state["net.final_layer.adaLN_modulation.1.weight"].shape == (2 * 32, 32)
     assert state["net.final_layer.linear.weight"].shape == (8, 32)
-    abstract = nnx.eval_shape(lambda: DL.DiffLoss(TINY, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: DL.DiffLoss(cfg, rngs=nnx.Rngs(0)))
     loaded = load_state(abstract, DictSource(state), km, progress=False)
     for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
-        (key, rule), = km.to_torch(path_str(p))
-        np.testing.assert_array_equal(ours_to_torch(rule, np.asarray(v[...])), state[key].astype(np.float32))
+        for key, rule, index in km.to_torch(path_str(p), v.shape):
+            np.testing.assert_array_equal(ours_to_torch(rule, np.asarray(v[...]), index),
+                                          state[key].astype(np.float32))
     # the adaLN chunks are (shift, scale, gate) in that order along the torch output axis
-    ada = loaded.net.res_blocks[0].ada.kernel[...]
+    ada = loaded.net.res_blocks.ada.kernel[...][0] if scan else loaded.net.res_blocks[0].ada.kernel[...]
     np.testing.assert_array_equal(ada[2], state["net.res_blocks.0.adaLN_modulation.1.weight"][64:].astype(np.float32))
 
 

@@ -38,10 +38,11 @@ def right_padded(vocab, seed=0):
     return np.where(mask, ids, 0), mask
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_hf_to_jax_logits_right_padded(hf_qwen2, name):
+@pytest.mark.parametrize("name,scan", [(n, False) for n in CONFIGS] + [(next(iter(CONFIGS)), True)])
+def test_hf_to_jax_logits_right_padded(hf_qwen2, name, scan):
     path, hf = hf_qwen2(**CONFIGS[name])
-    model = convert.from_hf(path, progress=False)
+    model = convert.from_hf(path, progress=False, scan_layers=scan)
+    assert isinstance(model.layers, nnx.List) != scan
     ids, mask = right_padded(hf.config.vocab_size)
     ref = torch_logits(hf, ids, mask)
     out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))

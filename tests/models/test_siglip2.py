@@ -61,9 +61,11 @@ def torch_naflex(model, pv, mask, shapes):
     return out.last_hidden_state.numpy(), out.pooler_output.numpy()
 
 
-def test_naflex_mixed_aspect_ratios_match_transformers(tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_naflex_mixed_aspect_ratios_match_transformers(tmp_path, scan):
     hf = hf_naflex(tmp_path / "m")
-    model = convert.from_hf(tmp_path / "m", progress=False)
+    model = convert.from_hf(tmp_path / "m", progress=False, scan_layers=scan)
+    assert model.config.scan_layers == scan
     assert model.config.naflex and model.config.num_patches == 16
     # a wide and a tall grid around the 4x4 table: up- and down-sampled position embeddings
     pv, mask, shapes = naflex_batch([(3, 7), (6, 2), (4, 4)], max_patches=24)
@@ -111,10 +113,10 @@ def test_fixed_resolution_siglip_matches_transformers(tmp_path):
         model(images[:, :16, :16])
 
 
-@pytest.mark.parametrize("make", [hf_naflex, hf_fixed])
-def test_vision_round_trip_is_bit_identical(tmp_path, make):
+@pytest.mark.parametrize("make,scan", [(hf_naflex, False), (hf_fixed, False), (hf_fixed, True)])
+def test_vision_round_trip_is_bit_identical(tmp_path, make, scan):
     hf = make(tmp_path / "m")
-    model = convert.from_hf(tmp_path / "m", progress=False)
+    model = convert.from_hf(tmp_path / "m", progress=False, scan_layers=scan)
     convert.to_hf(model, tmp_path / "back", progress=False)
     assert_same_tensors(tmp_path / "m", tmp_path / "back")
     back = type(hf).from_pretrained(tmp_path / "back")

@@ -1,6 +1,7 @@
 """Hugging Face folders (``config.json`` + safetensors) ↔ NNX models.
 
-Reading never materialises more than one tensor on the host at a time: names and shapes
+Reading never materialises more than one parameter on the host at a time (a stacked
+parameter of a ``scan_layers`` model is assembled from its blocks' tensors): names and shapes
 are validated from the safetensors headers first (unknown keys, missing keys and shape
 mismatches are reported together, by name, before anything is loaded), then each tensor
 is read, re-laid-out, cast and placed straight onto its sharding.
@@ -69,7 +70,7 @@ def families() -> dict[str, Family]:
             config_from_hf=qwen2.config_from_hf,
             hf_config=lambda cfg: transformers.Qwen2Config(**qwen2.config_to_hf(cfg)),
             build=lambda cfg, rngs: qwen2.Qwen2(cfg, rngs=rngs),
-            keymap=lambda cfg: KeyMap(tables.QWEN2_HF_RULES, tables.QWEN2_HF_IGNORED),
+            keymap=lambda cfg: KeyMap(tables.qwen2_hf_rules(cfg), tables.QWEN2_HF_IGNORED),
             optional=lambda cfg: ("lm_head.weight",) if cfg.tie_word_embeddings else (),
             generation=True,
         ),
@@ -81,9 +82,8 @@ def families() -> dict[str, Family]:
             hf_config=lambda cfg: (transformers.Siglip2VisionConfig if cfg.naflex else transformers.SiglipVisionConfig)(
                 **siglip2.config_to_hf(cfg)),
             build=lambda cfg, rngs: siglip2.SiglipVision(cfg, rngs=rngs),
-            keymap=lambda cfg: KeyMap(
-                tables.SIGLIP_HF_RULES_NAFLEX if cfg.naflex else tables.SIGLIP_HF_RULES_FIXED,
-                tables.SIGLIP_HF_IGNORED, tables.SIGLIP_HF_PREFIXES),
+            keymap=lambda cfg: KeyMap(tables.siglip_hf_rules(cfg), tables.SIGLIP_HF_IGNORED,
+                                      tables.SIGLIP_HF_PREFIXES),
         ),
     }
 
@@ -145,14 +145,16 @@ class SafetensorsFolder:
         return out
 
     def tensors(self, keys: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yields ``(key, array)`` one at a time, opening each file once."""
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.files[k], []).append(k)
-        for name, ks in by_file.items():
-            with safe_open(self.path / name, "numpy") as f:
-                for k in ks:
-                    yield k, f.get_tensor(k)
+        """Yields ``(key, array)`` one at a time in the order of ``keys``, opening each file once."""
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            opened = {}
+            for k in keys:
+                name = self.files[k]
+                if name not in opened:
+                    opened[name] = stack.enter_context(safe_open(self.path / name, "numpy"))
+                yield k, opened[name].get_tensor(k)
 
 
 class DictSource:
@@ -205,25 +207,30 @@ def load_state(
     flat = {path_str(p): v for p, v in nnx.to_flat_state(state)}
     shapes = folder.shapes()
     unknown, mismatched, ignored = [], [], []
-    plan: dict[str, tuple[str, Any]] = {}  # torch key -> (our path, rule)
+    # every parameter needs every torch tensor that its rules name (several for a stacked one)
+    needed = {ours: {s.index: s.key for s in keymap.to_torch(ours, v.get_value().shape)} for ours, v in flat.items()}
+    plan: dict[str, tuple[str, Any, tuple[int, ...]]] = {}  # torch key -> (our path, rule, index)
     for key, shape in shapes.items():
         m = keymap.to_ours(key)
-        if m is None or m[0] not in flat:
+        if m is None or m[0] not in flat or m[2] not in needed[m[0]]:
             if keymap.ignored(key) or key in optional:
                 ignored.append(key)
+            elif m is None:
+                unknown.append(key)
+            elif m[0] not in flat:
+                unknown.append(f"{key} (would be {m[0]}, which this model does not have)")
             else:
-                unknown.append(key if m is None else f"{key} (would be {m[0]}, which this model does not have)")
+                unknown.append(f"{key} (would be {m[0]}[{m[2][0]}], but that stack has "
+                               f"{flat[m[0]].get_value().shape[0]} blocks)")
             continue
-        ours, rule = m
+        ours, rule, index = m
         want = torch_shape(rule, flat[ours].get_value().shape)
         if tuple(shape) != want:
             mismatched.append(f"{key}: checkpoint {tuple(shape)}, model expects {want} (for {ours})")
-        plan[key] = (ours, rule)
-    # every parameter needs every torch tensor that its rules name (two for a stacked one)
-    needed = {ours: {r.stack: k for k, r in keymap.to_torch(ours)} for ours in flat}
-    covered = {(ours, rule.stack) for ours, rule in plan.values()}
-    missing = sorted(f"{ours} (torch key {k})" for ours, parts in needed.items()
-                     for stack, k in parts.items() if (ours, stack) not in covered)
+        plan[key] = (ours, rule, index)
+    covered = {(ours, index) for ours, _, index in plan.values()}
+    missing = sorted(f"{ours}{list(index) if index else ''} (torch key {k})" for ours, parts in needed.items()
+                     for index, k in parts.items() if (ours, index) not in covered)
     missing += sorted(f"{ours} (no rule in the conversion table)" for ours, parts in needed.items() if not parts)
     problems = []
     if unknown:
@@ -238,17 +245,19 @@ def load_state(
         log.info("ignored keys without a parameter: %s", ignored)
 
     values: dict[str, jax.Array] = {}
-    partial: dict[str, tuple[np.ndarray, set[int]]] = {}  # stacked parameters being assembled
-    for key, arr in tqdm(folder.tensors(list(plan)), total=len(plan), desc="loading", disable=not progress,
+    partial: dict[str, tuple[np.ndarray, set]] = {}  # stacked parameters being assembled
+    order = {ours: i for i, ours in enumerate(flat)}  # one parameter's tensors after another
+    keys = sorted(plan, key=lambda k: (order[plan[k][0]], plan[k][2]))
+    for key, arr in tqdm(folder.tensors(keys), total=len(plan), desc="loading", disable=not progress,
                          unit="tensor", leave=False):
-        ours, rule = plan[key]
+        ours, rule, index = plan[key]
         var = flat[ours]
         shape, dtype = var.get_value().shape, var.get_value().dtype
         x = torch_to_ours(rule, arr, shape).astype(dtype)
-        if rule.stack is not None:
+        if index:
             buf, seen = partial.setdefault(ours, (np.empty(shape, dtype), set()))
-            buf[rule.stack] = x
-            seen.add(rule.stack)
+            buf[index] = x
+            seen.add(index)
             if seen != set(needed[ours]):
                 continue
             x = partial.pop(ours)[0]
@@ -300,15 +309,16 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 def torch_tensors(model: nnx.Module, keymap: KeyMap) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(torch_key, host array)`` for every parameter, one at a time."""
+    """Yields ``(torch_key, host array)`` for every parameter, one at a time (a stacked
+    parameter is gathered once and yields one tensor per block)."""
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         ours = path_str(p)
-        rules = keymap.to_torch(ours)
-        if not rules:
+        slots = keymap.to_torch(ours, var.get_value().shape)
+        if not slots:
             raise ConversionError(f"Parameter {ours} has no rule in the conversion table.")
         x = _host(var.get_value())
-        for key, rule in rules:
-            yield key, ours_to_torch(rule, x)
+        for key, rule, index in slots:
+            yield key, ours_to_torch(rule, x, index)
 
 
 def _parse_size(s: int | str) -> int:
@@ -414,7 +424,8 @@ def to_hf(
     cfg = model.config
     fam = family_of_config(cfg)
     keymap = fam.keymap(cfg)
-    n = sum(len(keymap.to_torch(path_str(p))) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    n = sum(len(keymap.to_torch(path_str(p), v.get_value().shape))
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = torch_tensors(model, keymap)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in the collective gathers, write nothing

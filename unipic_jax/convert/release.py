@@ -51,15 +51,15 @@ def release_keymap(cfg: unipic.UniPicConfig) -> KeyMap:
     """One table for the whole release: ``pytorch_model.bin`` keys as they are, and the VAE's
     ``kl16.ckpt`` keys under a ``vae.`` prefix."""
     rules = (
-        prefixed(tables.QWEN2_HF_RULES, "llm.", "llm.") + prefixed(tables.MAR_TORCH_RULES, "mar.", "mar.")
-        + prefixed(tables.DIFFLOSS_TORCH_RULES, "mar.diffloss.", "diffloss.")
+        prefixed(tables.qwen2_hf_rules(cfg.llm), "llm.", "llm.")
+        + prefixed(tables.mar_torch_rules(cfg.mar), "mar.", "mar.")
+        + prefixed(tables.diffloss_torch_rules(cfg.diffloss), "mar.diffloss.", "diffloss.")
         + prefixed(tables.PROJECTOR_RULES, "proj_in.", "proj_in.")
         + prefixed(tables.PROJECTOR_RULES, "proj_out.", "proj_out.")
         + prefixed(tables.vae_ldm_rules(cfg.vae), "vae.", "vae.")
     )
     if cfg.vision is not None:
-        tower = tables.SIGLIP_HF_RULES_NAFLEX if cfg.vision.naflex else tables.SIGLIP_HF_RULES_FIXED
-        rules += prefixed(tower, "siglip2.vision_model.", "siglip2.") + prefixed(
+        rules += prefixed(tables.siglip_hf_rules(cfg.vision), "siglip2.vision_model.", "siglip2.") + prefixed(
             tables.PROJECTOR_RULES, "siglip2_proj.", "siglip2_proj.")
         return KeyMap(rules, ignore_torch=(CLASS_EMB,))
     return KeyMap(rules, ignore_torch=(CLASS_EMB, *VISION))

@@ -4,7 +4,12 @@ section per model family (see :mod:`unipic_jax.convert.mapping` for what a :clas
 
 from __future__ import annotations
 
-from unipic_jax.convert.mapping import Rule
+from unipic_jax.convert.mapping import Rule, layer_form
+
+
+def _form(rules, cfg, stacks):
+    """``rules`` as they fit ``cfg``'s layer form (stacked blocks when ``cfg.scan_layers``)."""
+    return layer_form(rules, stacks) if cfg.scan_layers else tuple(rules)
 
 # -- projectors: MLPProjector <-> the PyTorch nn.Sequential(Linear, SiLU, Linear) ------------
 
@@ -33,6 +38,12 @@ QWEN2_HF_RULES = (
     Rule("model.norm.weight", "final_norm.scale"),
     Rule("lm_head.weight", "lm_head.kernel"),
 )
+
+
+def qwen2_hf_rules(cfg):
+    return _form(QWEN2_HF_RULES, cfg, ("layers",))
+
+
 # Keys some checkpoints carry that hold no weights of their own (rotary buffers).
 QWEN2_HF_IGNORED = (r".*rotary_emb\.inv_freq",)
 
@@ -75,6 +86,12 @@ SIGLIP_HF_RULES_FIXED = (
     Rule("embeddings.patch_embedding.bias", "patch_embed.bias"),
     *_SIGLIP_COMMON,
 )
+
+
+def siglip_hf_rules(cfg):
+    return _form(SIGLIP_HF_RULES_NAFLEX if cfg.naflex else SIGLIP_HF_RULES_FIXED, cfg, ("layers",))
+
+
 # Parts of full SigLIP checkpoints (text tower, contrastive scale) that the vision tower does not use.
 SIGLIP_HF_IGNORED = (r"text_model\..*", r"logit_scale", r"logit_bias")
 SIGLIP_HF_PREFIXES = ("vision_model.",)  # full SigLIP models and transformers 4.x vision folders
@@ -114,6 +131,10 @@ MAR_TORCH_RULES = (
 MAR_TORCH_IGNORED = (r"class_emb\.weight",)
 
 
+def mar_torch_rules(cfg):
+    return _form(MAR_TORCH_RULES, cfg, ("encoder_blocks", "decoder_blocks"))
+
+
 # -- diffusion head (the release's mar.diffloss.* <-> models/diffloss.py) -----------------
 
 # keys relative to the release's ``mar.diffloss.`` prefix
@@ -139,6 +160,10 @@ DIFFLOSS_TORCH_RULES = (
     Rule("net.final_layer.adaLN_modulation.1.weight", "net.final_layer.ada.kernel", "reshape", 2),
     Rule("net.final_layer.adaLN_modulation.1.bias", "net.final_layer.ada.bias", "reshape", 2),
 )
+
+
+def diffloss_torch_rules(cfg):
+    return _form(DIFFLOSS_TORCH_RULES, cfg, ("net.res_blocks",))
 
 
 # -- KL VAE (LDM kl16.ckpt and diffusers AutoencoderKL <-> models/vae.py) ------------------

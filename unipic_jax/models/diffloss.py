@@ -21,6 +21,8 @@ Parameters (ours ← ``mar.diffloss.net.*`` of the release; kernels ``(out, in)`
 ``time_embed.fc{1,2}`` ← ``time_embed.mlp.{0,2}``; ``cond_embed``, ``input_proj``;
 ``res_blocks.i.{in_ln, mlp.fc1 ← mlp.0, mlp.fc2 ← mlp.2}``; ``res_blocks.i.ada (3, W, W)`` ←
 ``adaLN_modulation.1 (3W, W)``; ``final_layer.{linear, ada (2, W, W) ← adaLN_modulation.1}``.
+With ``scan_layers`` the residual blocks are one stacked module (``res_blocks.ada.kernel``
+``(depth, 3, W, W)``, leading logical axis ``"layers"``) run as one scan.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax.models import diffusion
-from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig
+from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, make_blocks, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class DiffLossConfig(PresetConfig):
     sampling_steps: str = "100"
     prediction: str = "eps"  # the first C output channels: "eps" (MAR, UniPic) or "v" (diffusion.py)
     batch_mul: int = 4
+    scan_layers: bool = False  # stack the residual blocks (parameters (depth, ...)) and run them with a scan
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -154,14 +157,13 @@ class SimpleMLPAdaLN(nnx.Module):
         self.time_embed = TimestepEmbedder(cfg, rngs=rngs)
         self.cond_embed = Dense(cfg.z_channels, cfg.width, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
         self.input_proj = Dense(cfg.in_channels, cfg.width, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
-        self.res_blocks = nnx.List([ResBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.res_blocks = make_blocks(lambda: ResBlock(cfg, rngs=rngs), cfg.depth, cfg.scan_layers)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
 
     def __call__(self, x, t, c):
         y = _tokens(self.time_embed(t) + self.cond_embed(c))
         h = _tokens(self.input_proj(x))
-        for block in self.res_blocks:
-            h = block(h, y)
+        h, _ = run_blocks(lambda block, h, _: (block(h, y), None), self.res_blocks, h)
         return self.final_layer(h, y).astype(jnp.float32)
 
     def forward_with_cfg(self, x, t, c, cfg_scale):

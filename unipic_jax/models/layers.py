@@ -11,7 +11,7 @@ import dataclasses
 import math
 import sys
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -260,3 +260,72 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, N, D)
+
+
+# -- repeated blocks: unrolled or stacked and scanned ---------------------------------------
+
+
+def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
+    """One module holding ``len(blocks)`` identical blocks: every parameter is the ``jnp.stack``
+    of the blocks' parameters, ``(L, *shape)``, with the logical axis ``"layers"`` first in its
+    ``out_sharding``. Built from the same blocks (same initialisation order) as the unrolled
+    ``nnx.List``, so a seed gives the same weights in both forms."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+
+    def stack(*vs):
+        names = vs[0].get_metadata().get("out_sharding")
+        out = vs[0].replace(jnp.stack([v.get_value() for v in vs]))
+        if names is not None:
+            out.set_metadata(out_sharding=("layers",) + tuple(names))
+        return out
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def make_blocks(make: Callable[[], nnx.Module], n: int, scan: bool) -> nnx.Module:
+    """``n`` blocks from ``make()``: an ``nnx.List`` (parameters ``i.…``) or, with ``scan``, one
+    stacked module (parameters ``…`` with a leading ``n`` axis, see :func:`stack_blocks`)."""
+    blocks = [make() for _ in range(n)]
+    return stack_blocks(blocks) if scan else nnx.List(blocks)
+
+
+def run_blocks(fn: Callable, blocks: nnx.Module, carry, xs=None, *, remat: bool = False, policy=None):
+    """``carry, y_i = fn(block_i, carry, x_i)`` for each block in order; returns ``(carry, ys)``.
+
+    Unrolled (``blocks`` an ``nnx.List``): ``xs`` is a sequence with one entry per block (or
+    ``None``) and ``ys`` a list. Stacked (:func:`stack_blocks`): one ``jax.lax.scan`` over the
+    leading axis of the module's state (split once, each step merges its slice back into a
+    block, as ``nnx.scan`` does, and works where the module was closed over by an enclosing
+    ``lax.while_loop``); ``xs`` is a pytree with that leading axis (or ``None``) and ``ys`` is
+    stacked the same way. ``remat`` recomputes each block's activations in the backward pass, keeping
+    what ``policy`` (a ``jax.checkpoint_policies`` entry, or ``None``: nothing) allows
+    (``jax.checkpoint`` over the block's arrays, so it also works inside an enclosing
+    ``lax.while_loop`` that closed over the module).
+    """
+    if isinstance(blocks, nnx.List):
+        ys = []
+        for i, block in enumerate(blocks):
+            x = None if xs is None else xs[i]
+            if remat:
+                graphdef, state = nnx.split(block)
+
+                def step(state, carry, x, graphdef=graphdef):
+                    return fn(nnx.merge(graphdef, state), carry, x)
+
+                carry, y = jax.checkpoint(step, policy=policy)(nnx.State(nnx.to_pure_dict(state)), carry, x)
+            else:
+                carry, y = fn(block, carry, x)
+            ys.append(y)
+        return carry, ys
+    graphdef, state = nnx.split(blocks)
+    state = nnx.State(nnx.to_pure_dict(state))  # arrays only: each step rebuilds fresh Variables
+
+    def body(carry, layer_xs):
+        layer_state, x = layer_xs
+        return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, carry, (state, xs))
+

@@ -29,7 +29,9 @@ masked fillers, which stay masked), ``K = max_visible(L, mask_ratio_min)``.
 head ``h`` (:func:`distance_bias`), so the first heads attend to neighbouring tokens.
 
 Parameters keep the release's names (``mar.*``, see ``convert.tables.MAR_TORCH_RULES``); the unused
-``class_emb`` of the release is not created (the converter reports it as ignored).
+``class_emb`` of the release is not created (the converter reports it as ignored). With
+``scan_layers`` each stack is one module whose parameters carry a leading block axis
+(logical name ``"layers"``), run as one scan.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ import numpy as np
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, attention, param, resize_grid
+from unipic_jax.models.layers import (
+    Dense, LayerNorm, PresetConfig, attention, make_blocks, param, resize_grid, run_blocks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,7 @@ class MARConfig(PresetConfig):
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False  # stack each block stack (parameters (depth, ...)) and run it with a scan
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -162,9 +167,7 @@ class Block(nnx.Module):
 
 
 def _run(blocks, x, mask, remat: bool, bias=None):
-    for block in blocks:
-        x = nnx.remat(lambda b, x, m, a: b(x, m, a))(block, x, mask, bias) if remat else block(x, mask, bias)
-    return x
+    return run_blocks(lambda block, x, _: (block(x, mask, bias), None), blocks, x, remat=remat)[0]
 
 
 class MAR(nnx.Module):
@@ -176,12 +179,12 @@ class MAR(nnx.Module):
         self.z_proj = Dense(cfg.token_dim, W, in_axes=(None,), out_axes=("embed",), **_kw(cfg, rngs))
         self.z_proj_ln = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
         self.encoder_pos_embed = param(rngs, _pos_init(cfg, S), (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
-        self.encoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.encoder_depth)])
+        self.encoder_blocks = make_blocks(lambda: Block(cfg, rngs=rngs), cfg.encoder_depth, cfg.scan_layers)
         self.encoder_norm = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
         self.decoder_embed = Dense(W, W, in_axes=("embed",), out_axes=("mlp",), **_kw(cfg, rngs))
         self.mask_token = param(rngs, init, (1, 1, W), (None, None, "embed"), cfg.param_dtype)
         self.decoder_pos_embed = param(rngs, _pos_init(cfg, S), (1, S + L, W), (None, None, "embed"), cfg.param_dtype)
-        self.decoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.decoder_depth)])
+        self.decoder_blocks = make_blocks(lambda: Block(cfg, rngs=rngs), cfg.decoder_depth, cfg.scan_layers)
         self.decoder_norm = LayerNorm(W, eps=1e-6, **_norm_kw(cfg, rngs))
         self.diffusion_pos_embed = param(rngs, _pos_init(cfg, 0), (1, L, W), (None, None, "embed"), cfg.param_dtype)
 

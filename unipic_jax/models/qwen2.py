@@ -20,6 +20,10 @@ with head axes split out, so conversion only reshapes):
     layers.i.mlp.down         (D, F)       ← mlp.down_proj.weight (D, F)
     lm_head.kernel            (V, D)       ← lm_head.weight (V, D)  (untied models only)
 
+With ``scan_layers`` the layers are one stacked module: ``layers.attn.q_proj.kernel`` is
+``(L, H, hd, D)`` (every parameter gains a leading layer axis, logical name ``"layers"``)
+and the stack runs as one ``nnx.scan``, with ``remat`` inside the scanned body.
+
 Positions are ``cumsum(attention_mask) - 1`` so padding (left or right) never shifts
 them. The KV cache is a plain pytree :class:`KVCache` of fixed size; ``generate`` runs
 prefill and a ``lax.while_loop`` of single-token decode steps in one compiled
@@ -38,7 +42,7 @@ from flax import nnx
 
 from unipic_jax import sharding
 from unipic_jax.models.layers import (
-    Dense, PresetConfig, RMSNorm, apply_rope, attention, param, rope_sin_cos,
+    Dense, PresetConfig, RMSNorm, apply_rope, attention, make_blocks, param, rope_sin_cos, run_blocks,
 )
 
 
@@ -62,6 +66,7 @@ class Qwen2Config(PresetConfig):
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # "none" | "full" (recompute each layer) | "dots" (keep matmul outputs)
+    scan_layers: bool = False  # stack the decoder layers (parameters (L, ...)) and run them with a scan
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -113,18 +118,25 @@ PRESETS: dict[str, Qwen2Config] = {
 
 class KVCache(NamedTuple):
     """Fixed-size cache: ``k[i], v[i]`` are ``(B, S, K, hd)`` for layer ``i``; ``valid (B, S)``
-    marks slots holding a real (non-padding) token."""
+    marks slots holding a real (non-padding) token. ``k, v`` are tuples of per-layer arrays
+    for the unrolled model and ``(L, B, S, K, hd)`` arrays for the scanned one."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     valid: jax.Array
 
     @classmethod
     def zeros(cls, cfg: Qwen2Config, batch: int, size: int) -> "KVCache":
         shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+        axes = ("batch", "length", "act_kv_heads", None)
+        if cfg.scan_layers:
+            def z():
+                return sharding.constrain(jnp.zeros((cfg.num_layers, *shape), cfg.dtype), ("layers", *axes))
+
+            return cls(k=z(), v=z(), valid=jnp.zeros((batch, size), bool))
 
         def z():
-            return sharding.constrain(jnp.zeros(shape, cfg.dtype), ("batch", "length", "act_kv_heads", None))
+            return sharding.constrain(jnp.zeros(shape, cfg.dtype), axes)
 
         return cls(
             k=tuple(z() for _ in range(cfg.num_layers)),
@@ -217,7 +229,7 @@ class Qwen2(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embedder = Embedder(cfg, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = make_blocks(lambda: DecoderLayer(cfg, rngs=rngs), cfg.num_layers, cfg.scan_layers)
         self.final_norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
@@ -279,20 +291,18 @@ class Qwen2(nnx.Module):
             q_slot = write_index + jnp.arange(T)
             mask = (jnp.arange(S)[None, :] <= q_slot[:, None])[None, None] & valid[:, None, None, :]
 
-        policy = REMAT_POLICIES[cfg.remat]
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            if cfg.remat == "none":
-                x, kv = layer(x, sin, cos, mask, kv, write_index)
-            else:
-                x, kv = nnx.remat(lambda l, *a: l(*a), policy=policy)(layer, x, sin, cos, mask, kv, write_index)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        def step(layer, x, kv):
+            return layer(x, sin, cos, mask, kv, write_index)
+
+        if cache is None:
+            xs = None
+        else:
+            xs = (cache.k, cache.v) if cfg.scan_layers else list(zip(cache.k, cache.v))
+        x, kvs = run_blocks(step, self.layers, x, xs, remat=cfg.remat != "none", policy=REMAT_POLICIES[cfg.remat])
         x = self.final_norm(x)
         if cache is not None:
-            cache = KVCache(tuple(new_k), tuple(new_v), valid)
+            k, v = kvs if cfg.scan_layers else (tuple(kv[0] for kv in kvs), tuple(kv[1] for kv in kvs))
+            cache = KVCache(k, v, valid)
         return x, cache
 
     def __call__(

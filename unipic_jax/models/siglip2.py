@@ -28,6 +28,9 @@ Parameter layouts (ours ← transformers; kernels are ``(out, in)``):
     pos_embed           (P, D)        ← embeddings.position_embedding.weight
     layers.i.attn.{q,k,v}_proj (H, hd, D), out_proj (D, H, hd); mlp.fc1 (F, D), fc2 (D, F)
     head.attn.in_proj   (3, H, hd, D) ← head.attention.in_proj_weight (3D, D) (q; k; v stacked)
+
+With ``scan_layers`` the encoder layers are one stacked module (``layers.attn.q_proj.kernel``
+``(L, H, hd, D)``, leading logical axis ``"layers"``) run as one scan.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unipic_jax import sharding
-from unipic_jax.models.layers import Dense, LayerNorm, PresetConfig, attention, param, resize_weights
+from unipic_jax.models.layers import (
+    Dense, LayerNorm, PresetConfig, attention, make_blocks, param, resize_weights, run_blocks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class SiglipConfig(PresetConfig):
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False  # stack the encoder layers (parameters (L, ...)) and run them with a scan
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -170,7 +176,7 @@ class SiglipVision(nnx.Module):
         self.patch_embed = Dense((p, p, C), D, in_axes=(None, None, None), out_axes=("embed",), **_kw(cfg, rngs))
         self.pos_embed = param(rngs, jax.nn.initializers.normal(D**-0.5), (cfg.num_patches, D), (None, "embed"),
                                cfg.param_dtype)
-        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = make_blocks(lambda: EncoderLayer(cfg, rngs=rngs), cfg.num_layers, cfg.scan_layers)
         self.post_layernorm = LayerNorm(D, eps=cfg.layer_norm_eps, **_kw(cfg, rngs))
         self.head = PoolingHead(cfg, rngs=rngs) if cfg.use_head else None
 
@@ -226,11 +232,7 @@ class SiglipVision(nnx.Module):
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         key_mask = None if pixel_attention_mask is None else jnp.asarray(pixel_attention_mask).astype(bool)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        for layer in self.layers:
-            if cfg.remat:
-                x = nnx.remat(lambda l, x, m: l(x, m))(layer, x, mask)
-            else:
-                x = layer(x, mask)
+        x, _ = run_blocks(lambda layer, x, _: (layer(x, mask), None), self.layers, x, remat=cfg.remat)
         x = self.post_layernorm(x)
         pooled = self.head(x, key_mask) if self.head is not None else None
         return x, pooled
