@@ -58,7 +58,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),  # the leading axis of stacked (scanned) blocks' parameters
-    ("layers", None),  # the leading axis of stacked (scanned) blocks' parameters
 )
 
 
