@@ -106,8 +106,6 @@ class Stage:
     @classmethod
     def from_config(cls, name: str, c, model_cfg, seed: int) -> "Stage":
         c = dict(c)
-        if c.get("kind") not in KINDS:
-            raise ValueError(f"stage {name!r}: kind must be one of {sorted(KINDS)}, got {c.get('kind')!r}")
         batch = {k: int(v) for k, v in dict(c.pop("batch_size")).items() if int(v) > 0}
         weights = {k: float(v) for k, v in dict(c.pop("loss_weights", {"t2i": 1.0})).items()}
         if c["kind"] == "unipic":
