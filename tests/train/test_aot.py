@@ -1,8 +1,10 @@
 """The full-size configs: every stage builds, and a 1.5B (2.56B with MAR, head and VAE) train
 step lowers ahead of time on the 8 simulated devices with FSDP, without any full-size array."""
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unipic_jax import sharding
@@ -34,5 +36,20 @@ def test_full_size_train_step_lowers_on_8_devices():
     lowered, info = aot.lower_train_step(c, mesh)
     assert 2.5e9 < info["params"] < 2.7e9
     text = lowered.as_text()
-    assert text.count('{"fsdp"}') > 500  # parameters and optimizer state split over fsdp (Shardy annotations)
-    assert '{"data", "fsdp"}' in text  # the batch over data x fsdp
+    args = _main_arguments(text)
+    big = [(n, spec) for n, spec in args if n > 2**20]  # parameters, Adam moments and EMA over 1M elements
+    assert len(big) > 100
+    split = sum(n for n, spec in big if '"fsdp"' in spec) / sum(n for n, _ in big)
+    assert split > 0.98, split  # all but the frozen VAE's convolution kernels are split over fsdp
+    assert any('{"data", "fsdp"}' in spec for _, spec in args)  # the batch over data x fsdp
+
+
+def _main_arguments(text):
+    """``(elements, sharding annotation)`` of each argument of the lowered program's ``@main``."""
+    main = text[text.index("func.func public @main("):]
+    signature = main[:main.index(") -> (")]
+    out = []
+    for arg in re.split(r"%arg\d+: ", signature)[1:]:
+        dims = re.match(r"tensor<([^>]*)>", arg).group(1).split("x")[:-1]
+        out.append((int(np.prod([int(d) for d in dims])) if dims else 1, arg))
+    return out
