@@ -149,12 +149,13 @@ def _restack(src: dict, dst_abstract: dict) -> dict:
 
 def load_model(
     path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
-    scan_layers: bool | None = None, **overrides
+    scan_layers: bool | dict[str, bool] | None = None, **overrides
 ) -> nnx.Module:
     """Restores a model saved by :func:`save_model`.
 
     ``dtype`` casts parameters and compute on restore (e.g. ``jnp.bfloat16``);
-    ``scan_layers`` sets the layer form of every part (default: as stored); other keyword
+    ``scan_layers`` sets the layer form of every part (a bool) or per part (a dict as
+    :func:`layer_forms` returns; default: as stored); other keyword
     arguments override config fields (e.g. ``remat="full"``). A layer form other than the
     stored one is restored as stored, then stacked or unstacked (both forms are briefly held).
     """
@@ -162,7 +163,7 @@ def load_model(
     stored = read_config(path)
     cfg = read_config(path, **overrides)
     if scan_layers is not None:
-        cfg = with_layer_form(cfg, bool(scan_layers))
+        cfg = with_layer_form(cfg, scan_layers if isinstance(scan_layers, dict) else bool(scan_layers))
     if dtype is not None:
         name = jnp.dtype(dtype).name
         cfg = cfg.with_dtype(name) if hasattr(cfg, "with_dtype") else cfg.replace(dtype=name, param_dtype=name)

@@ -17,7 +17,8 @@ is copied; the rest keeps its random initialisation. Every selected parameter mu
 the source with the same shape: a mismatch is an error naming the parameter and both shapes
 (set ``model.preset`` / ``model.overrides`` to the checkpoint's dimensions), and so are
 source parameters under the selected parts that the model lacks. Arrays go onto the target's
-sharding and dtype. A ``unipic`` source also carries its VAE latent ``scale`` when ``vae`` is
+sharding and dtype, and into the target's layer form (a checkpoint or HF folder in unrolled
+form fills a ``scan_layers`` model and vice versa). A ``unipic`` source also carries its VAE latent ``scale`` when ``vae`` is
 copied.
 """
 
@@ -48,8 +49,20 @@ def _selected(name: str, parts) -> bool:
     return any(p == "" or name == p or name.startswith(p + ".") for p in parts)
 
 
-def load_source(path: Path, mesh=None, release_config: Any = None) -> tuple[nnx.Module, str]:
-    """``(model, prefix)``: the source model and where its parameters sit in the composite."""
+def _sub_forms(forms: dict[str, bool], prefix: str) -> dict[str, bool]:
+    """The layer forms under part ``prefix`` (``""``: all), keyed relative to it."""
+    if not prefix:
+        return dict(forms)
+    return {k[len(prefix) + 1:] if k != prefix else "": v for k, v in forms.items()
+            if k == prefix or k.startswith(prefix + ".")}
+
+
+def load_source(path: Path, mesh=None, release_config: Any = None,
+                layer_forms: dict[str, bool] | None = None) -> tuple[nnx.Module, str]:
+    """``(model, prefix)``: the source model and where its parameters sit in the composite.
+
+    ``layer_forms`` (``checkpoint.layer_forms`` of the target's config) builds the source in
+    the target's layer form, so stacked and unrolled parameters line up."""
     from unipic_jax import checkpoint
     from unipic_jax.convert import hf, release
 
@@ -62,11 +75,14 @@ def load_source(path: Path, mesh=None, release_config: Any = None) -> tuple[nnx.
         except json.JSONDecodeError as e:
             raise WarmStartError(f"config.init={path}: {cfg_file} is not valid JSON ({e})") from e
         if "family" in meta:
-            model = checkpoint.load_model(path, mesh)
-            return model, "" if meta["family"] == "unipic" else PART_OF_FAMILY.get(meta["family"], meta["family"])
+            prefix = "" if meta["family"] == "unipic" else PART_OF_FAMILY.get(meta["family"], meta["family"])
+            forms = _sub_forms(layer_forms, prefix) if layer_forms else None
+            return checkpoint.load_model(path, mesh, scan_layers=forms or None), prefix
         if "model_type" in meta:
-            model = hf.from_hf(path, mesh, progress=False)
-            return model, PART_OF_FAMILY[hf.family_of_config(model.config).name]
+            prefix = PART_OF_FAMILY[hf.family_of_hf(meta, path).name]
+            form = layer_forms.get(prefix) if layer_forms else None
+            model = hf.from_hf(path, mesh, progress=False, **({} if form is None else {"scan_layers": form}))
+            return model, prefix
     if path.is_dir() and any((path / f).exists() for f in RELEASE_FILES):
         return release.from_unipic(path, config=release_config, mesh=mesh), ""
     raise WarmStartError(
@@ -115,7 +131,10 @@ def copy_params(model: nnx.Module, source: nnx.Module, prefix: str = "", parts=(
 def warm_start(model: nnx.Module, path: str, parts=("",), mesh=None, release_config: Any = None) -> dict:
     """Loads ``path`` (see the module docstring) into ``model``; returns ``{"copied": n,
     "source": path, "vae_scale": s | None}``."""
-    source, prefix = load_source(Path(path), mesh, release_config)
+    from unipic_jax import checkpoint
+
+    forms = checkpoint.layer_forms(model.config) if hasattr(model, "config") else None
+    source, prefix = load_source(Path(path), mesh, release_config, forms)
     copied = copy_params(model, source, prefix, parts)
     scale = None
     if prefix == "" and hasattr(source.config, "vae") and any(k.startswith("vae.") for k in copied):
