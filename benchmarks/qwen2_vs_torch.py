@@ -1,6 +1,7 @@
 """Prefill time and greedy decode speed: unipic-jax Qwen2 vs transformers, same CPU.
 
     python -m benchmarks.qwen2_vs_torch [--threads 2] [--prompt 128] [--new 128] [--batch 1]
+        [--hidden 768] [--layers 8] [--heads 12] [--kv_heads 2] [--mlp 2048] [--vocab 32000]
 
 Both models hold the same random weights (a transformers Qwen2ForCausalLM saved to a
 temporary folder and read with ``convert.from_hf``), compute in float32 and use the
@@ -18,7 +19,6 @@ tokens/s; the bandwidth is measured with a GEMV over as many bytes as the model 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,22 +26,21 @@ import sys
 import tempfile
 import time
 
+from absl import app, flags
 
-def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=128, help="prompt length")
-    p.add_argument("--new", type=int, default=128, help="new tokens to decode")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--mlp", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--json", default=None, help="also write the figures to this file")
-    return p.parse_args()
+
+flags.DEFINE_integer("threads", os.cpu_count(), "threads for both frameworks (default: all CPUs)")
+flags.DEFINE_integer("batch", 1, "sequences per call")
+flags.DEFINE_integer("prompt", 128, "prompt length")
+flags.DEFINE_integer("new", 128, "new tokens to decode")
+flags.DEFINE_integer("repeats", 7, "timed runs per figure (the median is reported)")
+flags.DEFINE_integer("hidden", 768, "Qwen2 hidden size")
+flags.DEFINE_integer("layers", 8, "Qwen2 decoder layers")
+flags.DEFINE_integer("heads", 12, "attention heads")
+flags.DEFINE_integer("kv_heads", 2, "key/value heads")
+flags.DEFINE_integer("mlp", 2048, "MLP intermediate size")
+flags.DEFINE_integer("vocab", 32000, "vocabulary size")
+flags.DEFINE_string("json", None, "also write the figures to this file")
 
 
 def median_time(fn, repeats):
@@ -53,8 +52,10 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
-def main():
-    args = parse()
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     # both frameworks get the same thread budget; must be set before jax/torch start
     threads = f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}"
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + threads
@@ -167,4 +168,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

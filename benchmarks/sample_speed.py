@@ -16,13 +16,13 @@ median of the following calls; ``compile ≈ first − run``. Presets:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
 from unipic_jax import sample
@@ -47,14 +47,17 @@ def timed(model, ids, mask, grid, num_iter, seed) -> float:
     return time.perf_counter() - t
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="tiny,mid")
-    p.add_argument("--iters", default="8,32", help="num_iter values")
-    p.add_argument("--sizes", default=None, help="pixel sizes (default: per preset)")
-    p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls after the first")
-    args = p.parse_args()
+flags.DEFINE_string("presets", "tiny,mid", "presets to time, comma-separated (tiny, mid)")
+flags.DEFINE_string("iters", "8,32", "num_iter values")
+flags.DEFINE_string("sizes", None, "pixel sizes (default: per preset)")
+flags.DEFINE_integer("batch", 1, "images per call")
+flags.DEFINE_integer("repeats", 2, "timed calls after the first")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     iters = [int(i) for i in args.iters.split(",")]
     print(f"devices: {jax.devices()}  batch {args.batch}, cfg 3.0, float32")
     print(f"{'preset':6} {'params':>8} {'size':>7} {'tokens':>6} {'iters':>5} {'first s':>8} {'compile s':>9} "
@@ -83,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

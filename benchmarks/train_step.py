@@ -17,13 +17,14 @@ and hardly depends on the device count.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from absl import app, flags
 
 
 def speed_child(steps: int):
@@ -99,15 +100,18 @@ def memory_child(size: int, batch: int):
                       "alias_gib": m.alias_size_in_bytes / gib, "temp_gib": m.temp_size_in_bytes / gib}))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("speed", "memory"))
-    p.add_argument("--devices", default=None, help="device counts (speed: 1,8; memory: 8)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=0, help="examples per task (memory; default one per device)")
-    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
+flags.DEFINE_string("devices", None, "device counts (speed: 1,8; memory: 8)")
+flags.DEFINE_integer("steps", 20, "timed training steps after the first (speed)")
+flags.DEFINE_integer("size", 256, "square bucket resolution in pixels (memory)")
+flags.DEFINE_integer("batch", 0, "examples per task (memory; default one per device)")
+flags.DEFINE_integer("child", 0, "internal: measure in this process on this many simulated devices")
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("speed", "memory"):
+        raise app.UsageError(f"takes one mode, speed or memory; got {argv[1:]}")
+    args = flags.FLAGS
+    mode = argv[1]
     if args.child:
         import jax
 
@@ -115,18 +119,18 @@ def main():
 
         jax.config.update("jax_num_cpu_devices", args.child)
         unipic_jax.tune_cpu_malloc()  # as train.py does (on one device only)
-        return speed_child(args.steps) if args.mode == "speed" else memory_child(args.size, args.batch)
+        return speed_child(args.steps) if mode == "speed" else memory_child(args.size, args.batch)
     results = []
-    for n in (int(d) for d in (args.devices or ("1,8" if args.mode == "speed" else "8")).split(",")):
+    for n in (int(d) for d in (args.devices or ("1,8" if mode == "speed" else "8")).split(",")):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}
-        out = subprocess.run([sys.executable, __file__, args.mode, "--child", str(n), "--steps", str(args.steps),
+        out = subprocess.run([sys.executable, __file__, mode, "--child", str(n), "--steps", str(args.steps),
                               "--size", str(args.size), "--batch", str(args.batch)], env=env, capture_output=True,
                              text=True, check=False)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         print(lines[-1] if lines else f"devices={n} failed:\n{out.stderr[-2000:]}", flush=True)
         results.append(json.loads(lines[-1]) if lines else {"devices": n, "failed": True})
-    print(json.dumps({"mode": args.mode, "results": results}))
+    print(json.dumps({"mode": mode, "results": results}))
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

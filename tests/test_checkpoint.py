@@ -72,6 +72,22 @@ def test_cli_round_trip_hf_orbax_hf(hf_qwen2, tmp_path, capsys):
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 
+def test_cli_scan_layers_sets_the_written_layer_form(hf_qwen2, tmp_path, capsys):
+    path, _ = hf_qwen2()
+    models = {}
+    for flag, form in (("--scan_layers=true", True), ("--scan_layers=false", False)):
+        dst = tmp_path / f"ck_{form}"
+        assert convert_main(["hf-to-orbax", str(path), str(dst), flag]) == 0
+        assert json.loads((dst / "config.json").read_text())["config"]["scan_layers"] is form
+        models[form] = params(checkpoint.load_model(dst, scan_layers=False))
+    a, b = models[True], models[False]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # a flag the subcommand does not use is an error naming both
+    assert convert_main(["orbax-to-hf", str(tmp_path / "ck_True"), str(tmp_path / "hf"), "--scan_layers"]) == 2
+    err = capsys.readouterr().err
+    assert "--scan_layers" in err and "orbax-to-hf" in err
+
+
 def test_cli_help_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "unipic_jax.convert", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "hf-to-orbax" in out.stdout and "orbax-to-hf" in out.stdout

@@ -1,6 +1,7 @@
 """The command lines end to end on a tiny model: release -> Orbax (with the tokenizer) ->
 generate, edit, describe -> PNG files; and Orbax -> release bit-identical."""
 
+import json
 import shutil
 
 import numpy as np
@@ -9,11 +10,15 @@ import torch
 from flax import nnx
 from PIL import Image
 
-from unipic_jax import convert
+from unipic_jax import checkpoint, convert
 from unipic_jax import tokenizer as tok_lib
 from unipic_jax.convert.__main__ import main as convert_main
 from unipic_jax.generate import main as generate_main
 from unipic_jax.models import unipic as U
+
+
+def params(model):
+    return {str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,21 @@ def test_convert_cli_round_trip(converted):
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     # an existing destination is refused without --overwrite
     assert convert_main(["orbax-to-unipic", str(d / "ckpt"), str(d / "back")]) == 2
+
+
+def test_convert_cli_scan_layers(converted):
+    d, cfg = converted
+    common = ["--config", "tiny", "--set", f"image_token_id={cfg.image_token_id}"]
+    assert convert_main(["unipic-to-orbax", str(d / "release"), str(d / "scanned"), *common, "--scan_layers",
+                         "--set", "mar.scan_layers=False"]) == 0  # --set changes one part after --scan_layers
+    stored = json.loads((d / "scanned" / "config.json").read_text())["config"]
+    assert {p: stored[p]["scan_layers"] for p in ("llm", "mar", "diffloss")} == {"llm": True, "mar": False,
+                                                                                 "diffloss": True}
+    assert convert_main(["unipic-to-orbax", str(d / "release"), str(d / "unscanned"), *common, "--noscan_layers"]) == 0
+    stored = json.loads((d / "unscanned" / "config.json").read_text())["config"]
+    assert not any(stored[p]["scan_layers"] for p in ("llm", "mar", "diffloss"))
+    a, b = (params(checkpoint.load_model(d / n, scan_layers=False)) for n in ("scanned", "unscanned"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_generate_edit_describe(converted, capsys):

@@ -15,22 +15,24 @@ understanding, 32 iterations, CFG 3.0 (constant), temperature 1.0 (0.85 for edit
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from unipic_jax import checkpoint, distributed, sharding
+from absl import flags
+
+from unipic_jax import checkpoint, cli, distributed, sharding
 
 
 def _size(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size takes N or HxW (pixels), got {text!r}") from None
+        raise ValueError(f"--size takes N or HxW (pixels), got {text!r}") from None
     if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"--size takes N or HxW (pixels), got {text!r}")
+        raise ValueError(f"--size takes N or HxW (pixels), got {text!r}")
     return (parts[0], parts[-1])
 
 
@@ -68,37 +70,72 @@ def _outputs(out: str, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}_{i}{p.suffix}") for i in range(n)]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unipic_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Orbax UniPic checkpoint or UniPic-1 release folder")
-    task = p.add_mutually_exclusive_group(required=True)
-    task.add_argument("--prompt", action="append", help="text-to-image prompt (repeatable)")
-    task.add_argument("--edit", metavar="SRC", help="source image to edit (with --instruction)")
-    task.add_argument("--describe", metavar="IMG", help="image to answer --question about")
-    p.add_argument("--instruction", help="editing instruction")
-    p.add_argument("--question", default="Describe this image.", help="question for --describe")
-    p.add_argument("--out", default="out.png", help="output PNG (several images: out_0.png, out_1.png, ...)")
-    p.add_argument("--num_images", type=int, default=1, help="images per prompt, each with its own seed")
-    p.add_argument("--size", type=_size, default=None,
-                   help="image size in pixels: N or HxW (default 1024; 512 for --describe)")
-    p.add_argument("--num_iter", type=int, default=32, help="MAR sampling iterations (default 32)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale; 1 disables (default 3)")
-    p.add_argument("--cfg_schedule", choices=("constant", "linear"), default="constant")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default 1.0; 0.85 for editing)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit for --describe")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: CKPT/tokenizer or the Qwen folder)")
-    p.add_argument("--dtype", default=None, help="compute/parameter dtype, e.g. bfloat16 (default: as stored)")
-    p.add_argument("--config", default=None, help="UniPicConfig preset for a release folder (default unipic_1_5b)")
-    p.add_argument("--mesh", type=sharding.mesh_arg, default={"data": 1, "fsdp": -1},
-                   help="mesh axis sizes (default data=1,fsdp=-1)")
-    args = p.parse_args(argv)
+PROG = "python -m unipic_jax.generate"
+FLAGS = flags.FlagValues()  # this module's own flags (not absl's global FLAGS: --checkpoint, --mesh ... clash)
+cli.define_help(FLAGS)
+flags.DEFINE_string("checkpoint", None, "Orbax UniPic checkpoint or UniPic-1 release folder", flag_values=FLAGS)
+# the task: exactly one of --prompt, --edit, --describe (checked by parse_args)
+flags.DEFINE_multi_string("prompt", None, "text-to-image prompt (repeatable)", flag_values=FLAGS)
+flags.DEFINE_string("edit", None, "source image to edit (with --instruction)", flag_values=FLAGS)
+flags.DEFINE_string("describe", None, "image to answer --question about", flag_values=FLAGS)
+flags.DEFINE_string("instruction", None, "editing instruction", flag_values=FLAGS)
+flags.DEFINE_string("question", "Describe this image.", "question for --describe", flag_values=FLAGS)
+flags.DEFINE_string("out", "out.png", "output PNG (several images: out_0.png, out_1.png, ...)", flag_values=FLAGS)
+flags.DEFINE_integer("num_images", 1, "images per prompt, each with its own seed", flag_values=FLAGS)
+flags.DEFINE_string("size", None, "image size in pixels: N or HxW (default 1024; 512 for --describe)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_iter", 32, "MAR sampling iterations (default 32)", flag_values=FLAGS)
+flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale; 1 disables (default 3)", flag_values=FLAGS)
+flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "linear"],
+                  "guidance over the sampling steps: constant, or linear from 1 (MAR's)", flag_values=FLAGS)
+flags.DEFINE_float("temperature", None, "sampling temperature (default 1.0; 0.85 for editing)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed (image i of each prompt uses seed + i)", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 128, "answer length limit for --describe", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: CKPT/tokenizer or the Qwen folder)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "compute/parameter dtype, e.g. bfloat16 (default: as stored)", flag_values=FLAGS)
+flags.DEFINE_string("config", None, "UniPicConfig preset for a release folder (default unipic_1_5b)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("mesh", "data=1,fsdp=-1", "mesh axis sizes (default data=1,fsdp=-1)", flag_values=FLAGS)
+
+
+def help_text() -> str:
+    return f"{__doc__.rstrip()}\n\nusage: {PROG} --checkpoint CKPT (--prompt P ... | --edit SRC " \
+           f"--instruction I | --describe IMG) [flags]\n\nflags:\n{cli.flag_help(FLAGS)}\n"
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """The flags of ``argv`` (without the program name) as a namespace; raises :class:`cli.UsageError`."""
+    rest, args, _ = cli.parse(FLAGS, PROG, argv)
+    if rest:
+        raise cli.UsageError(f"unexpected arguments {rest} (every setting is a --flag)")
+    if args.checkpoint is None:
+        raise cli.UsageError("--checkpoint is required")
+    tasks = [f"--{t}" for t in ("prompt", "edit", "describe") if getattr(args, t) is not None]
+    if len(tasks) != 1:
+        raise cli.UsageError("one of --prompt, --edit, --describe is required" if not tasks else
+                             f"{' and '.join(tasks)} cannot be combined: pass one of --prompt, --edit, --describe")
     if args.edit and not args.instruction:
-        p.error("--edit needs --instruction")
+        raise cli.UsageError("--edit needs --instruction")
     if args.num_images < 1:
-        p.error("--num_images must be >= 1")
+        raise cli.UsageError("--num_images must be >= 1")
+    try:
+        args.size = None if args.size is None else _size(args.size)
+        args.mesh = sharding.mesh_arg(args.mesh)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if cli.wants_help(argv):
+        print(help_text())
+        return 0
+    try:
+        args = parse_args(argv)
+    except cli.UsageError as e:
+        return cli.report(PROG, e)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from unipic_jax import sample
@@ -143,4 +180,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

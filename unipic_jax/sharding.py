@@ -104,14 +104,14 @@ class MeshConfig:
 
 
 def mesh_arg(text: str) -> dict[str, int]:
-    """Parses a command-line mesh, ``"data=2,fsdp=-1,tensor=1"`` → ``{"data": 2, ...}``."""
-    import argparse
+    """Parses a command-line mesh, ``"data=2,fsdp=-1,tensor=1"`` → ``{"data": 2, ...}``.
 
+    Raises ``ValueError`` (with the expected form) on a malformed mesh or an unknown axis."""
     try:
         out = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
         MeshConfig.from_any(out)  # validates axis names
     except ValueError as e:
-        raise argparse.ArgumentTypeError(
+        raise ValueError(
             f"--mesh takes axis=size pairs like 'data=1,fsdp=-1,tensor=2', got {text!r} ({e})") from e
     return out
 
