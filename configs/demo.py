@@ -26,11 +26,13 @@ LARGE = ((48, 48), (48, 64), (64, 48))
 
 
 def stage(kind, steps, lr, buckets, batch_size, **kw):
-    base = dict(kind=kind, steps=steps, lr=lr, buckets=buckets, batch_size=batch_size, trainable=("",),
-                schedule="constant", warmup=0.0, weight_decay=0.0, clip=1.0, accumulate=1, ema=0.0,
-                max_text_len=dict(t2i=24, edit=0, understanding=0), understanding_size=(32, 32),
+    base = dict(kind=kind, steps=steps, lr=lr, buckets=buckets, batch_size=dict(t2i=0, edit=0, understanding=0),
+                trainable=("",), schedule="constant", warmup=0.0, weight_decay=0.0, clip=1.0, accumulate=1, ema=0.0,
+                max_text_len=dict(t2i=24, edit=112, understanding=112), understanding_size=(32, 32),
                 loss_weights=dict(t2i=1.0, edit=0.0, understanding=0.0), caption_dropout=0.1)
-    base.update(kw)
+    base["batch_size"].update(batch_size)
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(base.get(k), dict) else v
     return ml_collections.ConfigDict(base)
 
 
@@ -48,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
         llm=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
         mar=dict(grid=8, width=64, num_heads=4, pos_init="sincos", attn_bias="alibi"),
         diffloss=dict(sampling_steps="100", z_channels=64, width=64, depth=3, batch_mul=4))))
-    c.data = ml_collections.ConfigDict(dict(source="shapes", length=50_000, sizes=SMALL + LARGE))
+    # native: every example drawn at its stage's own bucket sizes (no crop, objects above the legibility
+    # floor); sizes: the canvases otherwise
+    c.data = ml_collections.ConfigDict(dict(source="shapes", length=50_000, sizes=SMALL + LARGE, native=True))
     c.stage_order = ("vae", "gen32", "gen48")
     c.stages = ml_collections.ConfigDict()
     c.stages.vae = stage("vae", 600, 2e-3, SMALL, dict(t2i=16), trainable=("vae",), kl_weight=1e-6, recon="l2",
@@ -56,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages.gen32 = stage("unipic", 3600, 1e-3, SMALL, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
                                                                               "proj_out"), ema=0.99)
     c.stages.gen48 = stage("unipic", 400, 5e-4, LARGE, dict(t2i=16), trainable=("mar", "diffloss", "llm", "proj_in",
-                                                                              "proj_out"), ema=0.99)
+                                                                              "proj_out"), ema=0.99,
+                           max_text_len=dict(edit=256))
     c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True,
                                              sample_every=1000, sample_prompts=()))
     c.eval = ml_collections.ConfigDict(dict(per_category=8, size=(48, 48), num_iter=64, cfg=3.0,

@@ -19,12 +19,11 @@ rendering) are what is left to learn.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 from flax import nnx
 
 from docs.diagnostics import common
@@ -82,13 +81,16 @@ def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, classes: int, steps: 
     return float((pred == y[~train]).mean())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_checkpoint_args(ap)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--n", type=int, default=600, help="held-out scenes")
-    ap.add_argument("--visible", default="0,0.7", help="fractions of tokens visible")
-    args = ap.parse_args()
+common.define_checkpoint_flags()
+flags.DEFINE_integer("size", 32, "image size in pixels")
+flags.DEFINE_integer("n", 600, "held-out scenes")
+flags.DEFINE_string("visible", "0,0.7", "fractions of tokens visible")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     model, tokenizer = common.load_checkpoint(args)
     examples = [world.t2i_example(i, "validation", category="colors", sizes=((args.size, args.size),))
                 for i in range(args.n)]
@@ -103,4 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -17,11 +17,10 @@ edge tokens above all; the demo model's is not (docs/demo.md).
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from docs.diagnostics import common
 from unipic_jax import sample
@@ -83,12 +82,15 @@ def precision(model, tok, size: int, n: int, t: int = 900, draws: int = 8, seed:
     return out, stats
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_checkpoint_args(ap)
-    ap.add_argument("--size", type=int, default=48)
-    ap.add_argument("--n", type=int, default=64, help="held-out examples")
-    args = ap.parse_args()
+common.define_checkpoint_flags()
+flags.DEFINE_integer("size", 48, "image size in pixels")
+flags.DEFINE_integer("n", 64, "held-out examples")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     model, tok = common.load_checkpoint(args)
     res, stats = precision(model, tok, args.size, args.n)
     print(f"x̂0 of the masked tokens at t=900 against their true latents, MSE ({args.n} held-out images at "
@@ -101,4 +103,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

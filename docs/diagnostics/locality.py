@@ -19,11 +19,10 @@ the number of sampling iterations. A diagnostic for the demo.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from docs.diagnostics import common
 from unipic_jax import sample
@@ -98,13 +97,16 @@ def iterations(model, tok, size: int, per_category: int, cfg: float):
         print(f"num_iter {num_iter:4d}: single object {s['single_object']:.3f}, colours {s['colors']:.3f}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_checkpoint_args(ap)
-    ap.add_argument("--size", type=int, default=48)
-    ap.add_argument("--per_category", type=int, default=16)
-    ap.add_argument("--cfg", type=float, default=3.0)
-    args = ap.parse_args()
+common.define_checkpoint_flags()
+flags.DEFINE_integer("size", 48, "image size in pixels")
+flags.DEFINE_integer("per_category", 16, "held-out prompts per category")
+flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     model, tok = common.load_checkpoint(args)
     vae_locality(model, args.size)
     token_precision(model, tok, args.size)
@@ -112,4 +114,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

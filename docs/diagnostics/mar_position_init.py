@@ -18,12 +18,11 @@ sin-cos tables 0.12 by step 300 and 0.07 at 600.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 from flax import nnx
 
 from unipic_jax.models import diffloss as diffloss_lib
@@ -79,14 +78,17 @@ def run(pos_init: str, steps: int, seed: int = 0):
             step(model, opt, jax.random.key(i))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--inits", default=",".join(mar_lib.POS_INITS))
-    args = p.parse_args()
+flags.DEFINE_integer("steps", 600, "training steps per initialisation")
+flags.DEFINE_string("inits", ",".join(mar_lib.POS_INITS), "position initialisations to compare, comma-separated")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     for init in args.inits.split(","):
         run(init, args.steps)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -18,23 +18,27 @@ reconstructs (about 0.8 at 32²). About 4 minutes on two cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a model checkpoint whose VAE is used (e.g. runs/demo/model)")
-    ap.add_argument("--n", type=int, default=8, help="training examples (also the batch size)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--workdir", help="run folder (default: a new temporary folder); an existing run resumes")
-    args = ap.parse_args()
+flags.DEFINE_string("checkpoint", None, "a model checkpoint whose VAE is used (e.g. runs/demo/model); required")
+flags.mark_flag_as_required("checkpoint")
+flags.DEFINE_integer("n", 8, "training examples (also the batch size)")
+flags.DEFINE_integer("steps", 1500, "training steps")
+flags.DEFINE_string("workdir", None, "run folder (default: a new temporary folder); an existing run resumes")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
 
     from unipic_jax import checkpoint, sample
     from unipic_jax import tokenizer as tok_lib
@@ -82,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

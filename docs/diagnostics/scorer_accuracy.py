@@ -2,8 +2,8 @@
 
     python -m docs.diagnostics.scorer_accuracy [--n 300] [--checkpoint runs/demo/model]
 
-Held-out text-to-image prompts (``--n``, the six GenEval categories in turn), at the world's
-default 64×64 / 48×64 / 64×48 canvases and at 32×32, scored against their own metadata after
+Held-out text-to-image prompts (``--n``, the six GenEval categories in turn), drawn natively at
+each of the demo's bucket sizes (32², 48², 48×64, 64×48), scored against their own metadata after
 a perturbation: none, Gaussian pixel noise σ = 10 and 25 (of 255), Gaussian blur σ = 1 and
 2 px, a 2× bilinear downscale; with ``--checkpoint``, also the model's VAE reconstruction
 (encode, decode), the ceiling for anything that model generates. Prints one markdown table
@@ -13,9 +13,8 @@ sources against the targets' metadata.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageFilter
 
 from unipic_jax.data import shapes as world
@@ -52,12 +51,15 @@ def perturbations(checkpoint: str | None):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=300, help="prompts per canvas setting")
-    ap.add_argument("--checkpoint", help="a model checkpoint whose VAE reconstructions to score")
-    args = ap.parse_args()
-    settings = {"48–64 px": world.SIZES, "32 px": ((32, 32),)}
+flags.DEFINE_integer("n", 300, "prompts per canvas setting")
+flags.DEFINE_string("checkpoint", None, "a model checkpoint whose VAE reconstructions to score")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
+    settings = {f"{h}×{w}": ((h, w),) for h, w in ((32, 32), (48, 48), (48, 64), (64, 48))}  # the demo's buckets
     examples = {k: [world.t2i_example(i, "validation", category=world.CATEGORIES[i % len(world.CATEGORIES)], sizes=s)
                     for i in range(args.n)] for k, s in settings.items()}
     print("| image | " + " | ".join(settings) + " |\n| --- |" + " --- |" * len(settings))
@@ -72,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -18,10 +18,10 @@ and writes the grid (one row per prompt) to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import numpy as np
+from absl import app, flags
 
 from docs.diagnostics import common
 from unipic_jax import sample
@@ -45,15 +45,18 @@ def family(model, tokenizer, prompts, hit, args):
     return images, ratio, float(hits)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_checkpoint_args(ap)
-    ap.add_argument("--size", type=int, default=48)
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--num_iter", type=int, default=16)
-    ap.add_argument("--out", default="text_use.png")
-    args = ap.parse_args()
+common.define_checkpoint_flags()
+flags.DEFINE_integer("size", 48, "image size in pixels")
+flags.DEFINE_integer("seeds", 8, "samples per prompt, one seed each")
+flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale")
+flags.DEFINE_integer("num_iter", 16, "MAR sampling iterations")
+flags.DEFINE_string("out", "text_use.png", "output grid PNG")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     model, tokenizer = common.load_checkpoint(args)
     shapes, colours = list(world.SHAPES), list(world.COLORS)
     grids = []
@@ -70,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

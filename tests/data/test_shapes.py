@@ -45,8 +45,8 @@ def test_objects_do_not_overlap_and_fit_any_canvas():
         assert ex["image"].shape == (sc.height, sc.width, 3)
         for k, o in enumerate(sc.objects):
             assert o.r <= o.cx <= sc.width - o.r and o.r <= o.cy <= sc.height - o.r
-            for p in sc.objects[k + 1:]:
-                assert np.hypot(o.cx - p.cx, o.cy - p.cy) > (o.r + p.r) * np.sqrt(2)
+            for p in sc.objects[k + 1:]:  # boxes apart (circumcircles apart unless the scene is crowded)
+                assert max(abs(o.cx - p.cx), abs(o.cy - p.cy)) > o.r + p.r
     # white background, flat colours from the palette
     img = W.render(W.Scene(20, 30, (W.Obj("square", "red", 15, 10, 6),)))
     assert tuple(img[0, 0]) == W.BACKGROUND and tuple(img[10, 15]) == W.COLORS["red"]
@@ -117,3 +117,88 @@ def test_shapes_tokenizer_covers_the_world(tmp_path):
     ids = tok(tok_lib.edit_prompt("Remove the red circle."), add_special_tokens=False).input_ids
     assert ids.count(tok_lib.image_token_id(tok)) == 1 and len(tok) < 100
     assert tok.decode(tok("red circle", add_special_tokens=False).input_ids) == "red circle"
+
+
+DEMO_BUCKETS = ((32, 32), (48, 48), (48, 64), (64, 48))
+
+
+def _scenes(size, n):
+    """The scenes that the three tasks draw on a ``size`` canvas (sources and targets)."""
+    for i in range(n):
+        yield W.t2i_example(i, "train", sizes=(size,))["scene"]
+        if i % 4 == 0:
+            ex = W.edit_example(i, "train", sizes=(size,))
+            yield ex["source_scene"]
+            yield ex["target_scene"]
+            yield W.qa_example(i, "train", sizes=(size,))["scene"]
+
+
+@pytest.mark.parametrize("size", DEMO_BUCKETS)
+def test_native_scenes_keep_every_object_whole_and_legible(size):
+    """Over a thousand scenes per bucket: every object's box lies inside the canvas (a native
+    canvas is never cropped) and its half-size is at least the legibility floor; on a subset,
+    the rendered object covers about the floor's area (or more) in pixels of its own colour."""
+    H, Wd = size
+    floor = W.min_radius(H, Wd)
+    assert floor == min(W.MIN_RADIUS, min(size) / 6)
+    n_obj = 0
+    for k, scene in enumerate(_scenes(size, 800)):
+        assert (scene.height, scene.width) == size
+        for o in scene.objects:
+            n_obj += 1
+            assert o.r >= floor - 1e-9, (size, o)
+            assert 0 <= o.cx - o.r and o.cx + o.r <= Wd and 0 <= o.cy - o.r and o.cy + o.r <= H, (size, o)
+        if k % 20 == 0:  # pixels: an object's box holds no other object (the placement keeps boxes apart)
+            img = W.render(scene).astype(np.float32)
+            for o in scene.objects:
+                x0, x1 = int(np.floor(o.cx - o.r)), int(np.ceil(o.cx + o.r))
+                y0, y1 = int(np.floor(o.cy - o.r)), int(np.ceil(o.cy + o.r))
+                box = img[y0:y1, x0:x1]
+                col, bg = np.asarray(W.COLORS[o.color], np.float32), np.asarray(W.BACKGROUND, np.float32)
+                inside = np.linalg.norm(box - col, axis=-1) < np.linalg.norm(box - bg, axis=-1)
+                # the least shape area is 2r² (triangle, diamond); antialiased rims of light colours count less
+                assert inside.sum() >= 0.8 * 2 * floor**2, (size, o, int(inside.sum()))
+    assert n_obj > 1500
+
+
+def test_native_sources_draw_at_the_pipelines_own_sizes(qwen_tokenizer_dir):
+    """A native shapes source is drawn at each stage's buckets (one per aspect ratio) and at
+    the understanding size, so the pipeline's pixels are the rendered scene unchanged."""
+    from unipic_jax import tokenizer as tok_lib
+    from unipic_jax.data import pipeline as P
+    from unipic_jax.data import sources as S
+
+    tok = tok_lib.load_tokenizer(qwen_tokenizer_dir)
+    srcs = {t: S.ShapesSource(t, length=64, native=True) for t in S.TASKS}
+    buckets = ((32, 32), (32, 48), (48, 32), (48, 48))  # 32² has 48²'s aspect: ties go to the larger area
+    cfg = P.PipelineConfig(buckets=buckets, batch_size={"t2i": 4, "edit": 2, "understanding": 2},
+                           max_text_len={"t2i": 32, "edit": 256, "understanding": 96}, understanding_size=(32, 32),
+                           latent_stride=4, buffer_size=4, seed=0)
+    pipe = P.Pipeline(srcs, cfg, tok, process_index=0, process_count=1)
+    assert pipe.sources["t2i"].source.sizes == ((32, 48), (48, 32), (48, 48))
+    assert pipe.sources["understanding"].source.sizes == ((32, 32),)
+    assert srcs["t2i"].sizes == W.SIZES  # the caller's source is unchanged
+    for step in range(4):
+        batch = pipe[step]
+        H, Wd = buckets[int(batch["bucket"])]
+        for task, key, field in (("t2i", "t2i/pixels", "image"), ("edit", "edit/source", "source"),
+                                 ("understanding", "understanding/pixels", "image")):
+            rows = [pipe.sources[task][int(i)][field] for i in pipe.indices(task, step)]
+            assert all(r.shape[:2] == batch[key].shape[1:3] for r in rows)
+            np.testing.assert_allclose(batch[key], np.stack(rows) / 127.5 - 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="pairs"):
+        S.ShapesSource("t2i", sizes=((32,),))
+
+
+def test_a_sources_size_is_the_size_it_draws():
+    """``ShapesSource.size(i)`` (read without drawing, to assign buckets) is the size of
+    example ``i``'s images, for every task, over canvases of three aspect ratios."""
+    from unipic_jax.data import sources as S
+
+    for task in S.TASKS:
+        src = S.ShapesSource(task, length=60, sizes=((32, 32), (32, 48), (48, 32)))
+        for i in range(60):
+            ex = src[i]
+            assert ex["image"].shape[:2] == src.size(i), (task, i)
+            if task == "edit":
+                assert ex["source"].shape == ex["image"].shape

@@ -31,6 +31,20 @@ def test_ground_truth_scores_at_least_099(examples):
     assert np.mean([R.score(e["source"], e["metadata"])["correct"] for e in edits]) <= 0.1
 
 
+@pytest.mark.parametrize("size", [(32, 32), (48, 48), (48, 64), (64, 48)])
+def test_ground_truth_is_read_back_at_every_demo_bucket(size):
+    """Clean renders drawn natively at each of the demo's bucket sizes: text-to-image scenes
+    of every category and edit targets are graded correct (the accuracies are printed)."""
+    t2i = [W.t2i_example(i, "validation", category=W.CATEGORIES[i % 6], sizes=(size,)) for i in range(120)]
+    res = accuracy(t2i)
+    edits = [W.edit_example(i, "validation", sizes=(size,)) for i in range(48)]
+    edit_acc = float(np.mean([R.score(e["target"], e["metadata"])["correct"] for e in edits]))
+    print(f"scorer on clean {size[0]}x{size[1]} renders: t2i {res['overall']:.3f} {res['categories']}, "
+          f"edit targets {edit_acc:.3f}")
+    assert res["overall"] >= 0.97 and min(res["categories"].values()) >= 0.9, (size, res)
+    assert edit_acc >= 0.9, (size, edit_acc)
+
+
 def test_detections_recover_the_scene():
     for i in range(20):
         ex = W.t2i_example(i, "test")

@@ -13,7 +13,8 @@ never of the process: all ``P`` hosts compute the same global batch, and host ``
 * **Buckets.** Each generation example goes to the bucket nearest to its aspect ratio (in log
   space; ties to the larger area) and is centre-cropped to that aspect and resized (bicubic)
   to the bucket; understanding images are padded (gray 127) to ``understanding_size``
-  instead. A bucket needs the example's size, ``source.size(i)``; sizes are read **lazily**:
+  instead. A source that draws at any size (the shapes world with ``native=True``) is
+  drawn at the stage's own sizes instead (``source.at_sizes``), so neither happens. A bucket needs the example's size, ``source.size(i)``; sizes are read **lazily**:
   only a source's ``all_sizes()`` (sizes from stored metadata, when it offers them) is read
   whole at construction, otherwise an example's size is read the first time the pipeline
   reaches it (below), once.
@@ -142,6 +143,21 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     return int(assign_buckets([(height, width)], buckets)[0])
 
 
+def _native(source, task: str, cfg: PipelineConfig):
+    """A source that draws at any size (``at_sizes``) drawn at this pipeline's own sizes: the
+    buckets an example can reach by aspect ratio (one per aspect), or ``understanding_size``."""
+    if not getattr(source, "native", False):
+        return source
+    if task not in GENERATION:
+        return source.at_sizes((tuple(cfg.understanding_size),))
+    buckets = [tuple(b) for b in cfg.buckets]
+    return source.at_sizes([b for i, b in enumerate(buckets) if nearest_bucket(*b, buckets) == i])
+
+
+def _guarded(source):
+    return source if isinstance(source, Guarded) else Guarded(source)
+
+
 class Pipeline:
     """Host batches by step index (see the module docstring). ``sources`` maps tasks to
     sources (:mod:`unipic_jax.data.sources`); ``process_index``/``process_count`` default to
@@ -156,7 +172,7 @@ class Pipeline:
         missing = [t for t in self.tasks if t not in sources]
         if missing:
             raise ValueError(f"batch_size asks for {missing} but no source was given for them")
-        self.sources = {t: sources[t] if isinstance(sources[t], Guarded) else Guarded(sources[t]) for t in self.tasks}
+        self.sources = {t: _guarded(_native(sources[t], t, cfg)) for t in self.tasks}
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= self.process_index < self.process_count:

@@ -9,7 +9,10 @@ random stream with training.
 * colours: :data:`COLORS` (8 saturated colours, far apart in RGB and from any blend with the
   white background, so blurred edges are not mistaken for another colour);
 * an object is ``(shape, color, cx, cy, r)`` in pixels: centre and half-size (every shape
-  fits its ``2r × 2r`` box); objects keep ``r·√2`` clearance plus a margin from each other.
+  fits its ``2r × 2r`` box, which lies inside the canvas); objects keep ``r·√2`` clearance
+  plus a margin from each other (crowded scenes: their boxes 1 px apart), and ``r`` is a fraction of the canvas's shorter side, never
+  below the legibility floor :func:`min_radius`. Draw scenes at the size they are used at
+  (``sizes=``): a crop can cut objects and a downscale can take them below the floor.
 
 Each scene yields:
 
@@ -128,24 +131,35 @@ def render(scene: Scene, supersample: int = 4) -> np.ndarray:
 # -- scenes ------------------------------------------------------------------------------
 
 
+def min_radius(height: int, width: int) -> float:
+    """The legibility floor: the least half-size of an object on a ``height × width`` canvas,
+    ``min(MIN_RADIUS, side / 6)`` px for the shorter ``side`` (smaller diamonds, circles and
+    crosses are ambiguous pixel patterns; a sixth of the side leaves room for four objects).
+    Every object of every scene is at least this large."""
+    return min(MIN_RADIUS, min(height, width) / 6)
+
+
 def _radius(rng, height, width, n) -> float:
-    """Half-size of an object in a scene of ``n``: a fraction of the shorter side, and at
-    least ``MIN_RADIUS`` px (smaller diamonds, circles and crosses are ambiguous pixel
-    patterns) where the canvas allows."""
+    """Half-size of an object in a scene of ``n``: a fraction of the shorter side (drawn from a
+    range that shrinks with ``n``), and at least :func:`min_radius`."""
     lo, hi = {1: (0.16, 0.24), 2: (0.12, 0.17), 3: (0.10, 0.13), 4: (0.09, 0.11)}[max(1, min(n, 4))]
-    side = min(height, width)
-    return max(float(rng.uniform(lo, hi)) * side, min(MIN_RADIUS, side / 6))
+    return max(float(rng.uniform(lo, hi)) * min(height, width), min_radius(height, width))
 
 
-def _fits(o: Obj, others: Sequence[Obj], height, width) -> bool:
+def _fits(o: Obj, others: Sequence[Obj], height, width, tight: bool = False) -> bool:
+    """Inside the canvas, and clear of ``others``: centres farther apart than the boxes'
+    circumcircles (``(r + r')·√2``) plus 1 px, or, ``tight``, the boxes 1 px apart."""
     if not (o.r <= o.cx <= width - o.r and o.r <= o.cy <= height - o.r):
         return False
+    if tight:
+        return all(max(abs(o.cx - p.cx), abs(o.cy - p.cy)) > o.r + p.r + 1.0 for p in others)
     return all(math.hypot(o.cx - p.cx, o.cy - p.cy) > (o.r + p.r) * math.sqrt(2) + 1.0 for p in others)
 
 
-def place(rng, shape, color, others, height, width, r, region=None, tries: int = 200) -> Obj | None:
+def place(rng, shape, color, others, height, width, r, region=None, tries: int = 200,
+          tight: bool = False) -> Obj | None:
     """A random non-overlapping position for a new object (optionally within a half-canvas
-    ``region``), or ``None`` if there is no room."""
+    ``region``; ``tight``: see :func:`_fits`), or ``None`` if there is no room."""
     x0, x1, y0, y1 = 0.0, float(width), 0.0, float(height)
     if region == "left":
         x1 = width / 2
@@ -159,19 +173,20 @@ def place(rng, shape, color, others, height, width, r, region=None, tries: int =
         if x1 - x0 < 2 * r or y1 - y0 < 2 * r:
             return None
         o = Obj(shape, color, float(rng.uniform(x0 + r, x1 - r)), float(rng.uniform(y0 + r, y1 - r)), r)
-        if _fits(o, others, height, width):
+        if _fits(o, others, height, width, tight):
             return o
     return None
 
 
 def random_scene(rng, height, width, specs: Sequence[tuple[str, str]], region_of=None) -> Scene:
     """Places objects ``specs = [(shape, color), ...]`` (and retries until ``region_of(objs)``
-    holds); shrinks them if they do not fit."""
+    holds); shrinks them if they do not fit, never below :func:`min_radius`, and after 50
+    attempts packs them tighter (boxes apart rather than circumcircles)."""
     for attempt in range(100):
         objs: list[Obj] = []
         for shape, color in specs:
-            r = _radius(rng, height, width, len(specs)) * (0.9 ** (attempt // 5))
-            o = place(rng, shape, color, objs, height, width, r)
+            r = max(_radius(rng, height, width, len(specs)) * (0.9 ** (attempt // 5)), min_radius(height, width))
+            o = place(rng, shape, color, objs, height, width, r, tight=attempt >= 50)
             if o is None:
                 break
             objs.append(o)
@@ -244,10 +259,10 @@ def t2i_example(index: int, split: str = "train", seed: int = 0, category: str |
                 sizes: Sequence[tuple[int, int]] = SIZES) -> dict:
     """``{"image", "prompt", "metadata", "scene"}`` for one text-to-image pair."""
     rng = rng_for(split, seed, index)
+    h, w = canvas(rng, sizes)  # the first draw of every example: its size is known without drawing it
     category = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
     if category not in CATEGORIES:
         raise ValueError(f"Unknown category {category!r}; choose from {CATEGORIES}")
-    h, w = canvas(rng, sizes)
     colors = list(COLORS)
     if category == "single_object":
         (s,) = _pick(rng, SHAPES)
@@ -336,10 +351,10 @@ def edit_example(index: int, split: str = "train", seed: int = 0, kind: str | No
     """``{"source", "target", "instruction", "metadata", "kind"}``: the target's metadata
     describes the whole target scene (groups and their exact counts)."""
     rng = rng_for(split, seed, index)
+    h, w = canvas(rng, sizes)  # the first draw, as in t2i_example
     kind = kind or EDITS[int(rng.integers(len(EDITS)))]
     if kind not in EDITS:
         raise ValueError(f"Unknown edit {kind!r}; choose from {EDITS}")
-    h, w = canvas(rng, sizes)
     n = int(rng.integers(1, 3)) + (1 if kind == "remove" else 0)
     for _ in range(100):  # a new source scene until the edit fits the canvas
         edited = _try_edit(rng, kind, h, w, n)
@@ -362,7 +377,7 @@ def edit_example(index: int, split: str = "train", seed: int = 0, kind: str | No
 def qa_example(index: int, split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = SIZES) -> dict:
     """``{"image", "question", "answer", "scene"}``; answers are single lowercase words."""
     rng = rng_for(split, seed, index)
-    h, w = canvas(rng, sizes)
+    h, w = canvas(rng, sizes)  # the first draw, as in t2i_example
     n = int(rng.integers(1, 5))
     kinds = ["color", "count", "shape"] + (["where"] if n >= 2 else [])
     kind = kinds[int(rng.integers(len(kinds)))]

@@ -48,14 +48,30 @@ def _check_task(task: str) -> str:
 
 
 class ShapesSource:
-    """``length`` examples of one task from the shapes world's ``split``."""
+    """``length`` examples of one task from the shapes world's ``split``, each drawn on a
+    canvas picked from ``sizes``.
+
+    ``native=True``: every example is drawn at the size it is trained at. The pipeline calls
+    :meth:`at_sizes` with its stage's buckets (its ``understanding_size`` for
+    understanding), so each scene is drawn on one of them, with objects sized for it: no
+    crop cuts an object, no resize shrinks one below the legibility floor
+    (:func:`unipic_jax.data.shapes.min_radius`). Until then ``sizes`` are used."""
 
     def __init__(self, task: str, split: str = "train", seed: int = 0, length: int = 10_000,
-                 sizes: Sequence[tuple[int, int]] = world.SIZES):
+                 sizes: Sequence[tuple[int, int]] = world.SIZES, native: bool = False):
         self.task, self.split, self.seed, self.length = _check_task(task), split, seed, length
-        self.sizes = tuple(tuple(s) for s in sizes)
+        self.sizes, self.native = tuple(tuple(int(x) for x in s) for s in sizes), bool(native)
+        if not self.sizes or any(len(s) != 2 or min(s) < 1 for s in self.sizes):
+            raise ValueError(f"sizes must be (height, width) pairs of positive ints, got {sizes!r}")
         world.rng_for(split, seed, 0)  # validates the split
         self._sizes: dict[int, tuple[int, int]] = {}  # every stage's pipeline asks again
+
+    def at_sizes(self, sizes: Sequence[tuple[int, int]]) -> "ShapesSource":
+        """A native source drawn on ``sizes`` (itself when not native, or when they are its sizes)."""
+        sizes = tuple(tuple(int(x) for x in s) for s in sizes)
+        if not self.native or sizes == self.sizes:
+            return self
+        return ShapesSource(self.task, self.split, self.seed, self.length, sizes, native=True)
 
     def __len__(self) -> int:
         return self.length

@@ -11,7 +11,8 @@ Config fields (see ``configs/demo.py``):
 * ``init`` / ``init_parts``: initial weights (a model checkpoint, a Hugging Face folder or the
   UniPic-1 release) and the parameter prefixes taken from them, see
   :mod:`unipic_jax.train.warm_start`;
-* ``data``: the source (the shapes world's ``length`` and canvas ``sizes``, TFDS or JSONL);
+* ``data``: the source (the shapes world's ``length``, canvas ``sizes`` and ``native``, TFDS or
+  JSONL);
 * ``stage_order`` and ``stages``: see :mod:`unipic_jax.train.stages`;
 * ``train``: ``log_every``, ``checkpoint_every``, ``keep``, ``progress``, ``sample_every``
   with ``sample_prompts`` (a PNG grid under ``WORKDIR/samples`` and in TensorBoard every that
@@ -115,12 +116,13 @@ def release_config(cfg) -> dict:
 
 
 def build_sources(cfg, tasks=sources_lib.TASKS) -> dict[str, Any]:
-    """``data.source``: ``"shapes"`` (``length``, ``sizes``), ``"tfds"`` (``tfds.{task}``: a data set
+    """``data.source``: ``"shapes"`` (``length``, canvas ``sizes``; ``native``: each stage's own
+    buckets instead, see :class:`~unipic_jax.data.sources.ShapesSource`), ``"tfds"`` (``tfds.{task}``: a data set
     name or prepared folder, ``data_dir``, ``split``) or ``"jsonl"`` (``jsonl.{task}``: a manifest)."""
     d = cfg.data
     if d.source == "shapes":
-        sizes = tuple(tuple(s) for s in d.sizes)
-        return {t: sources_lib.ShapesSource(t, "train", cfg.seed, int(d.length), sizes) for t in tasks}
+        sizes, native = tuple(tuple(s) for s in d.sizes), bool(d.get("native", False))
+        return {t: sources_lib.ShapesSource(t, "train", cfg.seed, int(d.length), sizes, native) for t in tasks}
     if d.source == "tfds":
         return {t: sources_lib.TfdsSource(t, d.tfds[t], split=d.get("split", "train"),
                                           data_dir=d.get("data_dir") or None) for t in tasks}
