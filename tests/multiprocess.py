@@ -100,10 +100,18 @@ def run(argv, n: int = 2, devices=4, timeout: float = 600, env=None) -> list[Res
     return Group(argv, n, devices, env).wait(timeout)
 
 
+def _first_error(text: str, size: int = 3000) -> str:
+    """The first Python traceback or fatal log line in ``text`` (what went wrong first; the tail
+    of a process that aborted in a barrier shows only the barrier)."""
+    starts = [i for i in (text.find("Traceback (most recent call last)"), text.find("\nF1"),
+                          text.find("\nE1")) if i >= 0]
+    return text[min(starts):min(starts) + size] if starts else ""
+
+
 def report(results: list[Result], tail: int = 3000) -> str:
-    """The return codes and output tails of ``results``, for assertion messages."""
+    """The return codes, first errors and output tails of ``results``, for assertion messages."""
     return "\n".join(f"--- process {r.process}: returncode {r.returncode}\nstdout: {r.stdout[-tail:]}\n"
-                     f"stderr: {r.stderr[-tail:]}" for r in results)
+                      f"first error: {_first_error(r.stderr)}\nstderr: {r.stderr[-tail:]}" for r in results)
 
 
 def ok(results: list[Result]) -> bool:
