@@ -2,7 +2,8 @@
 
     python eval.py --checkpoint runs/demo/model [--tokenizer runs/demo/tokenizer] [--out runs/demo/eval]
                    [--size 48] [--per_category 8] [--edit_per_kind 4] [--qa 24] [--num_iter 64] [--cfg 3]
-                   [--cfg_schedule linear] [--temperature 1.0] [--split validation] [--seed 0]
+                   [--cfg_schedule linear] [--temperature 1.0]
+                   [--xt_temperature 1.0] [--ddim_after 0.5 --ddim_xt_scale 0.5] [--split validation] [--seed 0]
 
 Scores text-to-image per GenEval category (the shapes scorer on held-out prompts), editing
 triplets (the scorer applied to the target's description) and understanding questions (exact
@@ -33,7 +34,11 @@ _NUM_ITER = flags.DEFINE_integer("num_iter", None, "MAR sampling iterations.")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale.")
 _CFG_SCHEDULE = flags.DEFINE_enum("cfg_schedule", None, ["constant", "linear"],
                                   "Guidance over the sampling steps: constant, or linear from 1 (MAR's).")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Scale of the diffusion head's per-step noise.")
+_XT_TEMPERATURE = flags.DEFINE_float("xt_temperature", None, "Scale of the diffusion head's starting noise x_T.")
+_DDIM_AFTER = flags.DEFINE_float("ddim_after", None, "Decode the tokens of MAR steps whose visible fraction is at "
+                                 "least this deterministically (DDIM, eta 0); unset: off, the release's sampler.")
+_DDIM_XT_SCALE = flags.DEFINE_float("ddim_xt_scale", None, "Scale of x_T for the --ddim_after steps.")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
 
 
@@ -57,7 +62,9 @@ def main(argv):
         saved = json.loads((ckpt / "eval.json").read_text()) if (ckpt / "eval.json").exists() else {}
         s = shapes_eval.settings(saved, split=_SPLIT.value, size=_SIZE.value, per_category=_PER_CATEGORY.value,
                                  edit_per_kind=_EDIT.value, qa=_QA.value, num_iter=_NUM_ITER.value, cfg=_CFG.value,
-                                 cfg_schedule=_CFG_SCHEDULE.value, temperature=_TEMPERATURE.value, seed=_SEED.value)
+                                 cfg_schedule=_CFG_SCHEDULE.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
+                                 xt_temperature=_XT_TEMPERATURE.value, ddim_after=_DDIM_AFTER.value,
+                                 ddim_xt_scale=_DDIM_XT_SCALE.value)
         distributed.check_same("evaluation settings", {"checkpoint": str(ckpt.absolute()), **s},
                                hint="pass the same flags on every process")
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError, distributed.DistributedError) as e:

@@ -136,6 +136,38 @@ def test_bad_inputs_are_named(model):
         S.sample_latents(model, ids, mask, grid=GRID, num_iter=0)
 
 
+def test_mode_seeking_decoding_of_late_tokens(model):
+    """``ddim_after``: the steps whose visible fraction is at least it decode with DDIM; the
+    earlier steps' tokens stay those of the release's sampler bit for bit, the later ones
+    change; off (or 1, which no step reaches) is the release's sampler; DDIM steps do not
+    depend on ``temperature``; none of these settings recompiles the step."""
+    ids, mask = prompts(3)
+    L, K = GRID[0] * GRID[1], 6
+    masked, _ = S.mask_schedule(L, K)
+    which = S.ddim_steps(masked, 0.5)
+    np.testing.assert_array_equal(which, (L - masked[:-1]) / L >= 0.5)
+    assert which.any() and not which.all() and np.all(np.diff(which.astype(int)) >= 0)
+    kw = dict(grid=GRID, seed=2, num_iter=K)
+    base = np.asarray(S.sample_latents(model, ids, mask, **kw))
+    compiled = S._step._cache_size()
+    np.testing.assert_array_equal(S.sample_latents(model, ids, mask, ddim_after=1.0, **kw), base)
+    late = np.asarray(S.sample_latents(model, ids, mask, ddim_after=0.5, ddim_xt_scale=0.5, **kw))
+    same = np.all(late == base, axis=-1).reshape(late.shape[0], -1).sum(1)
+    first = int(np.argmax(which))
+    np.testing.assert_array_equal(same, L - masked[first])  # the tokens of the steps before it, and only them
+    hot = S.sample_latents(model, ids, mask, ddim_after=0.5, ddim_xt_scale=0.5, temperature=3.0, **kw)
+    late_only = ~np.all(late == base, axis=-1)
+    assert not np.allclose(np.asarray(hot)[~late_only], late[~late_only])  # the DDPM steps feel the temperature
+    allddim = [np.asarray(S.sample_latents(model, ids, mask, ddim_after=0.0, temperature=t, **kw)) for t in (1, 3)]
+    np.testing.assert_array_equal(*allddim)  # ...the DDIM steps do not
+    cold = S.sample_latents(model, ids, mask, xt_temperature=0.5, **kw)
+    assert not np.allclose(cold, base)
+    assert S._step._cache_size() == compiled
+    for bad in (dict(ddim_after=1.5), dict(xt_temperature=-1.0), dict(ddim_xt_scale="big")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            S.sample_latents(model, ids, mask, **kw, **bad)
+
+
 def test_sharded_sampling_equals_unsharded(model):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = randomize(sharding.create_sharded(lambda: U.UniPic(CFG, rngs=nnx.Rngs(0)), mesh))

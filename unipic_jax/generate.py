@@ -89,6 +89,11 @@ flags.DEFINE_float("cfg", 3.0, "classifier-free guidance scale; 1 disables (defa
 flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "linear"],
                   "guidance over the sampling steps: constant, or linear from 1 (MAR's)", flag_values=FLAGS)
 flags.DEFINE_float("temperature", None, "sampling temperature (default 1.0; 0.85 for editing)", flag_values=FLAGS)
+flags.DEFINE_float("xt_temperature", 1.0, "scale of the diffusion head's starting noise x_T (default 1)",
+                  flag_values=FLAGS)
+flags.DEFINE_float("ddim_after", None, "decode the tokens of MAR steps whose visible fraction is at least this with "
+                   "DDIM (eta 0); default off (the release's sampler)", flag_values=FLAGS)
+flags.DEFINE_float("ddim_xt_scale", 1.0, "scale of x_T for the --ddim_after steps (default 1)", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "sampling seed (image i of each prompt uses seed + i)", flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 128, "answer length limit for --describe", flag_values=FLAGS)
 flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: CKPT/tokenizer or the Qwen folder)",
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loaded {ckpt} in {time.time() - t0:.1f}s", file=sys.stderr)
         size = args.size or ((512, 512) if args.describe else (1024, 1024))
         opts = dict(size=size, num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                    progress=True)
+                    xt_temperature=args.xt_temperature, ddim_after=args.ddim_after,
+                    ddim_xt_scale=args.ddim_xt_scale, progress=True)
         if args.describe:
             answer = sample.describe(model, tok, [args.describe], [args.question], size=size,
                                      max_new_tokens=args.max_new_tokens)[0]

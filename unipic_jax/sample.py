@@ -9,15 +9,22 @@ Text-to-image (MAR's masked autoregression, as in the release's ``sample``):
    ``m_{k+1} = max(1, min(m_k − 1, ⌊L·cos(π/2·(k+1)/K)⌋))`` and ``m_K = 0``;
 3. step ``k`` computes the conditions ``z`` of all tokens (:meth:`UniPic.condition` on the
    cached prompt) and samples the tokens leaving the mask, ``order[m_{k+1} : m_k]``, with the
-   diffusion head (respaced DDPM, ``temperature``, CFG scale ``cfg`` or, with
-   ``cfg_schedule="linear"``, ``1 + (cfg − 1)·(L − m'_{k+1})/L`` where ``m'`` is the
-   clamped count before the last step's zero), writing them into both halves;
+   diffusion head (respaced DDPM from ``x_T = xt_temperature·N(0, I)``, per-step noise
+   scaled by ``temperature``; CFG scale ``cfg`` or, with ``cfg_schedule="linear"``,
+   ``1 + (cfg − 1)·(L − m'_{k+1})/L`` where ``m'`` is the clamped count before the last
+   step's zero), writing them into both halves. Mode-seeking decoding of late tokens (off by
+   default, ``ddim_after=None``): a step whose visible fraction ``1 − m_k/L`` is
+   ``≥ ddim_after`` decodes its tokens deterministically with DDIM (``η = 0``, the same
+   respaced steps: ``x_{t−1} = √ᾱ_{t−1}·x̂0 + √(1−ᾱ_{t−1})·ε̂``, ``x̂0`` and ``ε̂`` from the
+   guided prediction) from ``x_T = ddim_xt_scale·N(0, I)`` (``< 1``: nearer the mode);
+   the per-step choice is an array argument of the compiled step, so it costs no compile;
 4. the latents are decoded by the VAE to pixels and to uint8.
 
 All counts are known before sampling, so each step is one compiled function of static
 shape (the sampled tokens are gathered into ``max_k (m_k − m_{k+1})`` slots): one compile
 per (batch, prompt length rounded up to ``PROMPT_MULTIPLE``, resolution, ``num_iter``),
-reused across steps and calls. The loop runs in Python, which gives the progress bar.
+reused across steps and calls (temperatures, ``ddim_after`` and the scales are traced).
+The loop runs in Python, which gives the progress bar.
 Randomness comes only from ``seed``.
 
 Editing: the source image is VAE-encoded and run through the unmasked MAR encoder; its
@@ -73,8 +80,8 @@ def _prefill(graphdef, state, input_ids, attention_mask, source_latents, *, grid
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("grid", "n_max", "guided"))
-def _step(graphdef, state, cache, x_con, tokens, orders, k, masked, scales, temperature, key, *, grid, n_max,
-          guided):
+def _step(graphdef, state, cache, x_con, tokens, orders, k, masked, scales, temperature, key, ddim, xt_temperature,
+          ddim_xt_scale, *, grid, n_max, guided):
     model: UniPic = nnx.merge(graphdef, state)
     B, L, C = tokens.shape
     m_now, m_next = masked[k], masked[k + 1]
@@ -87,11 +94,12 @@ def _step(graphdef, state, cache, x_con, tokens, orders, k, masked, scales, temp
     valid = jnp.arange(n_max)[None, :] < (m_now - m_next)
     zs = jnp.take_along_axis(z, idx[..., None], axis=1).reshape(B * n_max, -1)
     key = jax.random.fold_in(key, k)
+    head = dict(xt_temperature=xt_temperature, ddim=ddim[k], ddim_xt_scale=ddim_xt_scale)
     if guided:
-        new = model.diffloss.sample(zs, key, temperature, scales[k]).reshape(B // 2, n_max, C)
+        new = model.diffloss.sample(zs, key, temperature, scales[k], **head).reshape(B // 2, n_max, C)
         new = jnp.concatenate([new, new])  # the unconditional half follows the conditional one
     else:
-        new = model.diffloss.sample(zs, key, temperature).reshape(B, n_max, C)
+        new = model.diffloss.sample(zs, key, temperature, **head).reshape(B, n_max, C)
     idx = jnp.where(valid, idx, L)  # out of range: dropped
     return tokens.at[jnp.arange(B)[:, None], idx].set(new.astype(tokens.dtype), mode="drop")
 
@@ -106,6 +114,27 @@ def _encode(graphdef, state, pixels):
     return nnx.merge(graphdef, state).vae.encode(pixels)
 
 
+def ddim_steps(masked: np.ndarray, ddim_after: float | None) -> np.ndarray:
+    """Which of the ``K`` MAR steps decode deterministically (DDIM): those whose visible
+    fraction before the step, ``1 − masked[k]/L``, is ``≥ ddim_after``; none for None."""
+    K, L = len(masked) - 1, int(masked[0])
+    if ddim_after is None:
+        return np.zeros(K, bool)
+    return (L - masked[:-1]).astype(np.float64) / L >= ddim_after
+
+
+def check_sampling(temperature=1.0, xt_temperature=1.0, ddim_after=None, ddim_xt_scale=1.0) -> None:
+    """Raises ``ValueError`` unless the temperatures and scales are numbers ``>= 0`` and
+    ``ddim_after`` is None or in ``[0, 1]``."""
+    for name, v in (("temperature", temperature), ("xt_temperature", xt_temperature),
+                    ("ddim_xt_scale", ddim_xt_scale)):
+        if not (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    if ddim_after is not None and not (isinstance(ddim_after, (int, float, np.floating, np.integer))
+                                       and not isinstance(ddim_after, bool) and 0 <= ddim_after <= 1):
+        raise ValueError(f"ddim_after must be None (off) or a visible fraction in [0, 1], got {ddim_after!r}")
+
+
 def sample_latents(
     model: UniPic,
     input_ids,
@@ -117,13 +146,21 @@ def sample_latents(
     cfg: float = 3.0,
     cfg_schedule: str = "constant",
     temperature: float = 1.0,
+    xt_temperature: float = 1.0,
+    ddim_after: float | None = None,
+    ddim_xt_scale: float = 1.0,
     source_latents=None,
     progress: bool = False,
 ) -> jax.Array:
     """Generated latents ``(B, h, w, C)`` for prompts ``input_ids (N, T)`` (``N = 2B``:
     ``[cond; uncond]`` when ``cfg != 1``, else ``N = B``) on a token ``grid = (h, w)``.
     ``source_latents (B, h, w, C)``: the source images for editing (their ``L + S``
-    ``<image>`` slots must be in the prompts)."""
+    ``<image>`` slots must be in the prompts).
+
+    ``temperature`` scales the diffusion head's per-step DDPM noise, ``xt_temperature`` its
+    starting noise ``x_T``; steps whose visible fraction is ``≥ ddim_after`` (None: none)
+    decode with DDIM ``η = 0`` from ``x_T = ddim_xt_scale·N(0, I)`` (module docstring). The
+    defaults are the release's sampler."""
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.asarray(attention_mask, bool)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -133,8 +170,7 @@ def sample_latents(
     if guided and N % 2:
         raise ValueError(f"With cfg={cfg} the prompts are [cond; uncond], an even number of rows; got {N}")
     B = N // 2 if guided else N
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, xt_temperature, ddim_after, ddim_xt_scale)
     vocab = model.config.llm.vocab_size
     if input_ids.max(initial=0) >= vocab or input_ids.min(initial=0) < 0:
         raise ValueError(f"Token ids must lie in [0, {vocab}) for this model; got up to {input_ids.max()}. "
@@ -144,6 +180,7 @@ def sample_latents(
     masked, clamped = mask_schedule(L, num_iter)
     scales = cfg_scales(cfg, cfg_schedule, L, clamped)
     n_max = int(np.max(masked[:-1] - masked[1:]))
+    ddim = ddim_steps(masked, ddim_after)
     if source_latents is not None:
         source_latents = jnp.asarray(source_latents, jnp.float32)
         if source_latents.shape != (B, h, w, C):
@@ -170,7 +207,8 @@ def sample_latents(
             steps = tqdm(steps, desc=f"sampling {h}x{w} tokens", unit="step")
         for k in steps:
             tokens = _step(graphdef, state, cache, x_con, tokens, orders, jnp.int32(k), jnp.asarray(masked),
-                           jnp.asarray(scales), jnp.float32(temperature), k_sample, grid=(h, w), n_max=n_max,
+                           jnp.asarray(scales), jnp.float32(temperature), k_sample, jnp.asarray(ddim),
+                           jnp.float32(xt_temperature), jnp.float32(ddim_xt_scale), grid=(h, w), n_max=n_max,
                            guided=guided)
         return tokens[:B].reshape(B, h, w, C)
 
@@ -224,23 +262,30 @@ def _tokenize(model: UniPic, tokenizer, texts: Sequence[str], image_slots: int =
 
 def text_to_image(model: UniPic, tokenizer, prompts: Sequence[str], *, size=256, seed: int = 0, num_iter: int = 32,
                   cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
+                  xt_temperature: float = 1.0, ddim_after: float | None = None, ddim_xt_scale: float = 1.0,
                   progress: bool = False) -> np.ndarray:
-    """uint8 images ``(B, H, W, 3)`` for text prompts (release template and defaults)."""
+    """uint8 images ``(B, H, W, 3)`` for text prompts (release template and defaults; the
+    sampling arguments as :func:`sample_latents` takes them)."""
+    check_sampling(temperature, xt_temperature, ddim_after, ddim_xt_scale)
     H, W, grid = _size(model, size)
     texts = [tok_lib.generation_prompt(p) for p in prompts]
     if cfg != 1.0:
         texts += [tok_lib.generation_prompt(None)] * len(prompts)
     ids, mask = _tokenize(model, tokenizer, texts, multiple=PROMPT_MULTIPLE)
     latents = sample_latents(model, ids, mask, grid=grid, seed=seed, num_iter=num_iter, cfg=cfg,
-                             cfg_schedule=cfg_schedule, temperature=temperature, progress=progress)
+                             cfg_schedule=cfg_schedule, temperature=temperature, xt_temperature=xt_temperature,
+                             ddim_after=ddim_after, ddim_xt_scale=ddim_xt_scale, progress=progress)
     return decode(model, latents)
 
 
 def edit(model: UniPic, tokenizer, images, instructions: Sequence[str], *, size=256, seed: int = 0,
          num_iter: int = 32, cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 0.85,
+         xt_temperature: float = 1.0, ddim_after: float | None = None, ddim_xt_scale: float = 1.0,
          progress: bool = False) -> np.ndarray:
     """Edited uint8 images ``(B, H, W, 3)``: each source image (centre-cropped to the output
-    aspect and resized) changed as its instruction says."""
+    aspect and resized) changed as its instruction says (sampling arguments as
+    :func:`sample_latents` takes them)."""
+    check_sampling(temperature, xt_temperature, ddim_after, ddim_xt_scale)
     if len(images) != len(instructions):
         raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
     H, W, grid = _size(model, size)
@@ -251,7 +296,8 @@ def edit(model: UniPic, tokenizer, images, instructions: Sequence[str], *, size=
         texts += [tok_lib.edit_prompt(None)] * len(instructions)
     ids, mask = _tokenize(model, tokenizer, texts, image_slots=slots, multiple=PROMPT_MULTIPLE)
     latents = sample_latents(model, ids, mask, grid=grid, seed=seed, num_iter=num_iter, cfg=cfg,
-                             cfg_schedule=cfg_schedule, temperature=temperature, source_latents=source,
+                             cfg_schedule=cfg_schedule, temperature=temperature, xt_temperature=xt_temperature,
+                             ddim_after=ddim_after, ddim_xt_scale=ddim_xt_scale, source_latents=source,
                              progress=progress)
     return decode(model, latents)
 

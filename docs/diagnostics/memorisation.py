@@ -42,7 +42,7 @@ def main(argv):
 
     from unipic_jax import checkpoint, sample
     from unipic_jax import tokenizer as tok_lib
-    from unipic_jax.eval import shapes as shapes_eval
+    from unipic_jax.eval import grids
     from unipic_jax.rewards import shapes as scorer
     from unipic_jax.train import run
 
@@ -81,7 +81,7 @@ def main(argv):
             print(f"| {guidance:g} | {num_iter} | {err:.1f} | {score:.3f} |")
             rows.append(images)
     path = workdir / "memorisation.png"
-    sample.save_png(shapes_eval.grid([im for r in rows for im in r], cols=args.n)[None], [path])
+    sample.save_png(grids.grid([im for r in rows for im in r], cols=args.n)[None], [path])
     print(f"grid (training images, then one row per setting): {path}")
 
 

@@ -26,7 +26,7 @@ from absl import app, flags
 from docs.diagnostics import common
 from unipic_jax import sample
 from unipic_jax.data import shapes as world
-from unipic_jax.eval import shapes as shapes_eval
+from unipic_jax.eval import grids
 from unipic_jax.rewards import shapes as scorer
 
 
@@ -68,7 +68,7 @@ def main(argv):
         images, ratio, hits = family(model, tokenizer, prompts, hit, args)
         print(f"{name:6s} word/seed {ratio:.2f}   prompted {name} found in {hits:.0%} of the images")
         grids += list(images.reshape(-1, *images.shape[2:]))
-    sample.save_png(shapes_eval.grid(grids, cols=args.seeds)[None], [args.out])
+    sample.save_png(grids.grid(grids, cols=args.seeds)[None], [args.out])
     print(f"grid: {args.out} (rows: {', '.join(shapes)}; then {', '.join(colours)})")
 
 

@@ -44,8 +44,9 @@ def test_eval_writes_scores_and_grids(tmp_path):
     assert res["edit"]["n"] == 4 and res["understanding"]["n"] == 2
     assert 0.0 <= res["understanding"]["accuracy"] <= 1.0
     assert res["settings"] == dict(split="validation", seed=0, size=[16, 16], per_category=1, edit_per_kind=1, qa=2,
-                                   num_iter=2, cfg=1.5, cfg_schedule="linear", temperature=1.0)
-    for name in ("t2i.png", "edit.png"):
+                                   num_iter=2, cfg=1.5, cfg_schedule="linear", temperature=1.0, xt_temperature=1.0,
+                                   ddim_after=None, ddim_xt_scale=1.0)
+    for name in ("t2i.png", "edit.png", "qa.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "shapes benchmark" in p.stdout and "editing: overall" in p.stdout
 

@@ -160,3 +160,42 @@ def test_unknown_prediction_is_refused():
         D.make_schedule(1000, prediction="x0")
     with pytest.raises(ValueError, match=r"DiffLossConfig.prediction='x0'; choose from \('eps', 'v'\)"):
         DiffLossConfig(prediction="x0")
+
+
+@pytest.mark.parametrize("prediction,diffusers_type", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_ddim_chain_matches_diffusers_ddim(prediction, diffusers_type):
+    """The deterministic chain (``ddim=True``) over the respaced steps against diffusers'
+    DDIMScheduler (η = 0, ``set_alpha_to_one``) on the respaced betas, with the same network fed
+    the original step index; and a traced ``ddim`` switches chains without changing either."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    s = D.make_schedule(1000, respacing="25", prediction=prediction)
+    n = s.num_steps
+    ref = DDIMScheduler(num_train_timesteps=n, trained_betas=s.betas.tolist(), prediction_type=diffusers_type,
+                        clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
+    ref.set_timesteps(n)
+    assert ref.timesteps.tolist() == list(range(n - 1, -1, -1))
+    rs = np.random.RandomState(0)
+    w, c = rs.randn(6, 12).astype(np.float32) * 0.3, rs.randn(12).astype(np.float32) * 1e-3
+
+    def net(x, t):  # a fixed smooth function of (x, original t); channels [prediction, v]
+        return jnp.tanh(x @ w + t[:, None] * c)
+
+    noise = rs.randn(4, 6).astype(np.float32)
+    got = D.p_sample_loop(s, net, jnp.asarray(noise), jax.random.key(0), ddim=True)
+    x = torch.from_numpy(noise).double()
+    for i in ref.timesteps.tolist():
+        t_orig = jnp.full((4,), int(s.timestep_map[i]))
+        out = np.array(net(jnp.asarray(x.numpy(), jnp.float32), t_orig))[:, :6]
+        x = ref.step(torch.from_numpy(out).double(), i, x, eta=0.0).prev_sample
+    np.testing.assert_allclose(got, x.numpy(), rtol=1e-4, atol=1e-5)
+    # DDIM ignores the key and the temperature; DDPM does not
+    again = D.p_sample_loop(s, net, jnp.asarray(noise), jax.random.key(5), temperature=0.3, ddim=True)
+    np.testing.assert_array_equal(got, again)
+    f = jax.jit(lambda d, key: D.p_sample_loop(s, net, jnp.asarray(noise), key, ddim=d))
+    np.testing.assert_array_equal(f(True, jax.random.key(0)), jax.jit(
+        lambda key: D.p_sample_loop(s, net, jnp.asarray(noise), key, ddim=True))(jax.random.key(0)))
+    ddpm = jax.jit(lambda key: D.p_sample_loop(s, net, jnp.asarray(noise), key))(jax.random.key(0))
+    np.testing.assert_array_equal(f(False, jax.random.key(0)), ddpm)
+    assert not np.allclose(ddpm, got)

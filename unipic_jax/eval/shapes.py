@@ -8,7 +8,6 @@ uses :mod:`unipic_jax.sample` in batches; everything is deterministic for a seed
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,26 +16,14 @@ import numpy as np
 from unipic_jax import distributed, sample
 from unipic_jax.files import write_json
 from unipic_jax.data import shapes as world
+from unipic_jax.eval import grids
 from unipic_jax.rewards import shapes as scorer
 
 # the evaluation's settings: held-out split and seed, image size, how many prompts, sampling
 DEFAULTS = dict(split="validation", seed=0, size=(48, 48), per_category=8, edit_per_kind=4, qa=24, num_iter=64,
-                cfg=3.0, cfg_schedule="constant", temperature=1.0)
-
-
-def grid(images: Sequence[np.ndarray], cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles same-sized uint8 images into one image (white gutters)."""
-    images = [np.asarray(im) for im in images]
-    if not images:
-        raise ValueError("grid needs at least one image")
-    h, w = images[0].shape[:2]
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return out
+                cfg=3.0, cfg_schedule="constant", temperature=1.0, xt_temperature=1.0, ddim_after=None,
+                ddim_xt_scale=1.0)
+SAMPLING = ("num_iter", "cfg", "cfg_schedule", "temperature", "xt_temperature", "ddim_after", "ddim_xt_scale")
 
 
 def _batches(items, n):
@@ -78,7 +65,7 @@ def understanding(model, tok, *, size=(32, 32), n: int = 24, split: str = "valid
                                        size=tuple(size), max_new_tokens=max_new_tokens))
     correct = [a.strip().lower().rstrip(".") == e["answer"] for a, e in zip(answers, exs, strict=True)]
     return {"accuracy": float(np.mean(correct)), "answers": answers, "questions": [e["question"] for e in exs],
-            "expected": [e["answer"] for e in exs]}
+            "expected": [e["answer"] for e in exs], "correct": correct, "images": [e["image"] for e in exs]}
 
 
 def settings(given: Mapping | None = None, **overrides) -> dict:
@@ -94,35 +81,44 @@ def settings(given: Mapping | None = None, **overrides) -> dict:
                                          (out["size"], out["size"])))
     for k in ("seed", "per_category", "edit_per_kind", "qa", "num_iter"):
         out[k] = int(out[k])
-    out["cfg"], out["temperature"] = float(out["cfg"]), float(out["temperature"])
+    for k in ("cfg", "temperature", "xt_temperature", "ddim_xt_scale"):
+        out[k] = float(out[k])
+    out["ddim_after"] = None if out["ddim_after"] is None else float(out["ddim_after"])
+    sample.check_sampling(out["temperature"], out["xt_temperature"], out["ddim_after"], out["ddim_xt_scale"])
     return out
 
 
 def benchmark(model, tok, s: Mapping, out: Path | None = None) -> dict:
     """The shapes benchmark with settings ``s`` (:func:`settings`): text-to-image scores per
     GenEval category, editing scores (``edit_per_kind``) and understanding exact match
-    (``qa``). Process 0 writes ``OUT/results.json`` and the grids ``OUT/t2i.png`` (a row a
-    category) and ``OUT/edit.png`` (source, result pairs). Every process must call it."""
+    (``qa``). Process 0 writes ``OUT/results.json`` and labelled grids (:mod:`grids`): ``t2i.png``
+    (a row a category, each image with its prompt and verdict), ``edit.png`` (source and result
+    side by side with the instruction and verdict) and ``qa.png`` (the image with its question,
+    the answer given and the expected one). Every process must call it."""
     size = tuple(s["size"])
-    kw = dict(num_iter=s["num_iter"], cfg=s["cfg"], cfg_schedule=s["cfg_schedule"], temperature=s["temperature"],
-              seed=s["seed"], split=s["split"])
+    kw = dict({k: s[k] for k in SAMPLING}, seed=s["seed"], split=s["split"])
     results: dict = {"settings": {**s, "size": list(size)}}
     res = t2i(model, tok, size=size, per_category=s["per_category"], **kw)
+    verdicts = res["scores"].pop("correct")
     results["t2i"] = res["scores"]
-    grids = {"t2i.png": grid(res["images"], cols=s["per_category"])}
+    grids_ = {"t2i.png": grids.labelled(res["images"], res["prompts"], verdicts, cols=s["per_category"])}
     if s["edit_per_kind"]:
         ed = edit(model, tok, size=size, per_kind=s["edit_per_kind"], **kw)
+        verdicts = ed["scores"].pop("correct")
         results["edit"] = ed["scores"]
-        pairs = [im for pair in zip(ed["sources"], ed["images"], strict=True) for im in pair]
-        grids["edit.png"] = grid(pairs, cols=2 * s["edit_per_kind"])
+        pairs = [grids.side_by_side(a, b) for a, b in zip(ed["sources"], ed["images"], strict=True)]
+        grids_["edit.png"] = grids.labelled(pairs, ed["instructions"], verdicts, cols=s["edit_per_kind"])
     if s["qa"]:
         qa = understanding(model, tok, size=size, n=s["qa"], split=s["split"], seed=s["seed"])
         results["understanding"] = {"accuracy": qa["accuracy"], "n": s["qa"]}
+        captions = [f"Q: {q} A: {a.strip() or '(nothing)'} (expected: {e})"
+                    for q, a, e in zip(qa["questions"], qa["answers"], qa["expected"], strict=True)]
+        grids_["qa.png"] = grids.labelled(qa["images"], captions, qa["correct"], cols=8)
     if out is not None:
         out = Path(out)
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
-            for name, g in grids.items():
+            for name, g in grids_.items():
                 sample.save_png(g[None], [out / name])
             write_json(out / "results.json", results)
         results["samples"] = str(out / "t2i.png")
@@ -147,31 +143,33 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_prompts(cfg) -> list[str]:
-    """``train.sample_prompts``, or the first held-out shapes prompt of each GenEval category."""
+def sample_prompts(cfg) -> tuple[list[str], list[dict] | None]:
+    """``train.sample_prompts`` (no metadata: their grid has no verdicts), or the first two
+    held-out shapes prompts of each GenEval category with their metadata."""
     prompts = list(cfg.train.get("sample_prompts", ()) or ())
-    if not prompts:
-        prompts = [world.t2i_example(i, "validation", seed=cfg.seed, category=c)["prompt"]
-                   for i in range(2) for c in world.CATEGORIES]
-    return prompts
+    if prompts:
+        return prompts, None
+    exs = [world.t2i_example(i, "validation", seed=cfg.seed, category=c) for i in range(2) for c in world.CATEGORIES]
+    return [e["prompt"] for e in exs], [e["metadata"] for e in exs]
 
 
 def sample_fn(cfg, tok):
     """The periodic sample grid of a run (``train.sample_every`` updates): the fixed prompts of
     :func:`sample_prompts` at the stage's first bucket, sampled with the run's evaluation
-    settings (same seed every time, so grids of successive steps compare); None for stages
-    that do not train the generator."""
+    settings (same seed every time, so grids of successive steps compare), each image labelled
+    with its prompt and, for the built-in prompts, the scorer's verdict; None for stages that
+    do not train the generator."""
     if not int(cfg.train.get("sample_every", 0)):
         return None
-    prompts, s = sample_prompts(cfg), settings(cfg.eval)
+    (prompts, metadata), s = sample_prompts(cfg), settings(cfg.eval)
 
     def fn(model, stage, step):
         del step
         if stage.kind != "unipic":
             return None
         images = sample.text_to_image(model, tok, prompts, size=tuple(stage.data.buckets[0]), seed=cfg.seed,
-                                      num_iter=s["num_iter"], cfg=s["cfg"], cfg_schedule=s["cfg_schedule"],
-                                      temperature=s["temperature"])
-        return grid(images, cols=min(len(prompts), 6))
+                                      **{k: s[k] for k in SAMPLING})
+        verdicts = scorer.evaluate(images, metadata)["correct"] if metadata else None
+        return grids.labelled(images, prompts, verdicts, cols=min(len(prompts), 6))
 
     return fn

@@ -12,10 +12,11 @@ SimpleMLPAdaLN (width ``W``, ``depth`` residual blocks)::
 variance (``diffusion.py``).
 Training (:meth:`DiffLoss.loss`) repeats every token ``batch_mul`` times with fresh ``t`` and
 noise and averages the loss over masked tokens; sampling (:meth:`DiffLoss.sample`) runs the
-respaced DDPM chain, with classifier-free guidance on ``ε`` when the batch is
-``[cond; uncond]``: both halves start from the same noise and are evaluated at the first
-half's ``x``, ``ε = ε_u + s(ε_c − ε_u)``, each half keeps its own variance, and the first
-half is the sample.
+respaced DDPM chain from ``x_T = xt_temperature·N(0, I)`` (or, with ``ddim``, the
+deterministic DDIM ``η = 0`` chain from ``x_T = ddim_xt_scale·N(0, I)``), with
+classifier-free guidance on ``ε`` when the batch is ``[cond; uncond]``: both halves start
+from the same noise and are evaluated at the first half's ``x``, ``ε = ε_u + s(ε_c − ε_u)``,
+each half keeps its own variance, and the first half is the sample.
 
 Parameters (ours ← ``mar.diffloss.net.*`` of the release; kernels ``(out, in)``):
 ``time_embed.fc{1,2}`` ← ``time_embed.mlp.{0,2}``; ``cond_embed``, ``input_proj``;
@@ -208,18 +209,29 @@ class DiffLoss(nnx.Module):
         mask = mask.astype(jnp.float32)
         return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-    def sample(self, z, key, temperature=1.0, cfg=None) -> jax.Array:
+    def sample(self, z, key, temperature=1.0, cfg=None, *, xt_temperature=1.0, ddim=False,
+               ddim_xt_scale=1.0) -> jax.Array:
         """Token latents for conditions ``z (N, Z)``: ``(N, C)``. With a guidance scale
         ``cfg`` (a float or a traced scalar) ``z`` is ``[cond; uncond]`` and the ``N/2``
-        guided tokens are returned (both halves share their noise)."""
+        guided tokens are returned (both halves share their noise).
+
+        The chain starts from ``x_T = xt_temperature · N(0, I)`` and adds ``temperature``-scaled
+        noise per DDPM step. ``ddim`` (a Python or traced boolean): decode deterministically
+        with DDIM, ``η = 0`` (:func:`diffusion.ddim_step`), from ``x_T = ddim_xt_scale · N(0, I)``
+        instead. All of them may be traced: changing them does not recompile."""
         C = self.config.in_channels
         k0, k1 = jax.random.split(key)
+        if isinstance(ddim, bool):
+            scale = ddim_xt_scale if ddim else xt_temperature
+        else:
+            scale = jnp.where(ddim, ddim_xt_scale, xt_temperature)
+        scale = jnp.asarray(scale, jnp.float32)
         if cfg is not None:
-            half = jax.random.normal(k0, (z.shape[0] // 2, C), jnp.float32)
+            half = jax.random.normal(k0, (z.shape[0] // 2, C), jnp.float32) * scale
             noise = jnp.concatenate([half, half])
             net = lambda x, t: self.net.forward_with_cfg(x, t, z, cfg)  # noqa: E731
         else:
-            noise = jax.random.normal(k0, (z.shape[0], C), jnp.float32)
+            noise = jax.random.normal(k0, (z.shape[0], C), jnp.float32) * scale
             net = lambda x, t: self.net(x, t, z)  # noqa: E731
-        x = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature)
+        x = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature, ddim)
         return x[: z.shape[0] // 2] if cfg is not None else x

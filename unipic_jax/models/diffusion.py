@@ -22,7 +22,21 @@ guidance on ``u`` is guidance on ``ε``.
 Sampling is DDPM over a respaced subset of the steps (``"100"`` of 1000: evenly spaced,
 rounded) whose betas are recomputed from the kept ``ᾱ``; the network is fed the ORIGINAL
 step index. A reverse step is ``x_{t−1} = μ + temperature·σ·z`` (no noise at the last
-step), and :func:`gaussian_log_prob` gives ``log N(x_{t−1}; μ, σ²)`` for GRPO.
+step), and :func:`gaussian_log_prob` gives ``log N(x_{t−1}; μ, σ²)`` for GRPO. The chain
+starts from the ``x_T`` it is given; the caller scales it (``DiffLoss.sample``:
+``x_T = xt_temperature·N(0, I)``, 1 in the release), the ``temperature`` above scales only
+the per-step noise.
+
+Deterministic decoding (:func:`ddim_step`, DDIM with ``η = 0``, over the same respaced
+steps): ``x̂0`` as above, ``ε̂`` the network's ``ε`` (for ``"v"``: ``ε̂ = b·x_t + a·û``,
+i.e. recomputed from ``x̂0``), and ``x_{t−1} = √ᾱ_{t−1}·x̂0 + √(1−ᾱ_{t−1})·ε̂`` with
+``ᾱ_{t−1}`` the previous KEPT step's ``ᾱ`` and ``ᾱ = 1`` before the first (so the last
+step returns ``x̂0``; diffusers' ``DDIMScheduler`` with ``set_alpha_to_one=True``). The
+learned variance is unused. :func:`p_sample_loop` takes ``ddim`` as a (possibly traced)
+boolean: traced, it picks the DDIM or the DDPM chain with ``lax.cond`` (both compiled once,
+only one runs), so switching costs no compile, and the DDPM chain stays the computation it
+is without the option, bit for bit (a ``jnp.where`` between the two updates inside one
+scan changes XLA's fusion of the DDPM update and its last bits).
 
 Schedule tables are computed in float64 with NumPy (as the reference does) and applied in
 float32.
@@ -255,18 +269,55 @@ def gaussian_log_prob(x, mean, log_var, temperature=1.0):
     return -0.5 * jnp.sum((x - mean) ** 2 / var + jnp.log(2.0 * math.pi * var), axis=-1)
 
 
-def p_sample_loop(s: Schedule, net: Callable, noise, key, temperature=1.0):
-    """Runs the whole reverse chain from ``x_T = noise``. ``net(x, t_original)`` → ``[ε̂, v]``."""
+def predicted_eps(s: Schedule, pred, xt, t):
+    """``ε̂`` from the network's prediction: itself for ``"eps"``; ``b·x_t + a·û`` for ``"v"``
+    (the ``ε`` that, with ``x̂0 = a·x_t − b·û``, reproduces ``x_t = a·x̂0 + b·ε̂``)."""
+    if s.prediction == "v":
+        return s.at("sqrt_one_minus_alphas_cumprod", t, xt.ndim) * xt + s.at("sqrt_alphas_cumprod", t, xt.ndim) * pred
+    return pred
+
+
+def ddim_step(s: Schedule, model_out, xt, t):
+    """One deterministic DDIM step (``η = 0``): ``x_{t−1} = √ᾱ_{t−1}·x̂0 + √(1−ᾱ_{t−1})·ε̂``,
+    ``ᾱ_{−1} = 1`` (the last step returns ``x̂0``). ``model_out`` is ``[prediction, v]``; the
+    variance channels ``v`` are ignored."""
+    pred, _ = jnp.split(model_out.astype(jnp.float32), 2, axis=-1)
+    x0 = predicted_x0(s, pred, xt, t)
+    eps = predicted_eps(s, pred, xt, t)
+    ac_prev = s.at("alphas_cumprod_prev", t, xt.ndim)
+    return jnp.sqrt(ac_prev) * x0 + jnp.sqrt(1.0 - ac_prev) * eps
+
+
+def p_sample_loop(s: Schedule, net: Callable, noise, key, temperature=1.0, ddim=False):
+    """Runs the whole reverse chain from ``x_T = noise``. ``net(x, t_original)`` → ``[ε̂, v]``.
+
+    ``ddim`` (a Python or traced boolean): every step is the deterministic :func:`ddim_step`
+    instead of the DDPM step (``key`` and ``temperature`` then unused). A traced ``ddim``
+    selects one of the two chains with ``lax.cond`` (both compiled once, one run); the DDPM
+    chain is then the same computation as with ``ddim=False``, bit for bit."""
     steps = jnp.asarray(s.timestep_map, jnp.int32)
     B = noise.shape[0]
+    order = jnp.arange(s.num_steps - 1, -1, -1)
 
-    def body(carry, i):
-        x, key = carry
-        key, sub = jax.random.split(key)
-        t = jnp.full((B,), i, jnp.int32)
-        out = net(x, steps[t])
-        x, _, _ = p_sample_step(s, out, x, t, jax.random.normal(sub, x.shape, x.dtype), temperature)
-        return (x, key), None
+    def ddpm_chain(noise):
+        def body(carry, i):
+            x, key = carry
+            key, sub = jax.random.split(key)
+            t = jnp.full((B,), i, jnp.int32)
+            out = net(x, steps[t])
+            x, _, _ = p_sample_step(s, out, x, t, jax.random.normal(sub, x.shape, x.dtype), temperature)
+            return (x, key), None
 
-    (x, _), _ = jax.lax.scan(body, (noise, key), jnp.arange(s.num_steps - 1, -1, -1))
-    return x
+        (x, _), _ = jax.lax.scan(body, (noise, key), order)
+        return x
+
+    def ddim_chain(noise):
+        def body(x, i):
+            t = jnp.full((B,), i, jnp.int32)
+            return ddim_step(s, net(x, steps[t]), x, t), None
+
+        return jax.lax.scan(body, noise, order)[0]
+
+    if isinstance(ddim, bool):
+        return ddim_chain(noise) if ddim else ddpm_chain(noise)
+    return jax.lax.cond(ddim, ddim_chain, ddpm_chain, noise)

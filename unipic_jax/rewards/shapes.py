@@ -182,16 +182,18 @@ def score(image, metadata: dict) -> dict:
 def evaluate(images, metadatas: Sequence[dict]) -> dict:
     """GenEval-style summary: ``{"categories": {tag: accuracy}, "overall": mean over
     categories, "reward": mean reward, "n": count, "objects": mean objects detected per
-    image, "prompted_objects": mean objects the prompts ask for}``. GenEval's rules ask for
-    *at least* the prompted objects in most categories, so images strewn with fragments can
-    pass some checks by chance; ``objects`` against ``prompted_objects`` shows that."""
+    image, "prompted_objects": mean objects the prompts ask for, "correct": each image's
+    verdict}``. GenEval's rules ask for *at least* the prompted objects in most categories, so
+    images strewn with fragments can pass some checks by chance; ``objects`` against
+    ``prompted_objects`` shows that."""
     if len(images) != len(metadatas):
         raise ValueError(f"{len(images)} images but {len(metadatas)} metadata entries")
     per: dict[str, list[bool]] = {}
-    rewards, objects = [], []
+    rewards, objects, correct = [], [], []
     for im, meta in zip(images, metadatas, strict=True):
         r = score(im, meta)
         per.setdefault(meta.get("tag", "unknown"), []).append(r["correct"])
+        correct.append(r["correct"])
         rewards.append(r["reward"])
         objects.append(r["objects"])
     cats = {k: float(np.mean(v)) for k, v in sorted(per.items())}
@@ -199,7 +201,7 @@ def evaluate(images, metadatas: Sequence[dict]) -> dict:
     return {"categories": cats, "overall": float(np.mean(list(cats.values()))) if cats else 0.0,
             "reward": float(np.mean(rewards)) if rewards else 0.0, "n": len(rewards),
             "objects": float(np.mean(objects)) if objects else 0.0,
-            "prompted_objects": float(np.mean(prompted)) if prompted else 0.0}
+            "prompted_objects": float(np.mean(prompted)) if prompted else 0.0, "correct": correct}
 
 
 def reward(prompts: Sequence[str], images, metadata: Sequence[dict]) -> np.ndarray:
