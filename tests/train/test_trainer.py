@@ -276,3 +276,50 @@ def test_vae_scale_calibration_is_one_compile_over_global_batches(mcfg, tok, cap
     assert len([r for r in caplog.records if r.getMessage().startswith("Compiling jit(moments)")]) == 1
     means = np.concatenate([np.asarray(model.vae.posterior(pipe[k]["t2i/pixels"])[0]).ravel() for k in range(4)])
     assert scale == pytest.approx(1.0 / means.std(), rel=1e-4) and model.config.vae.scale == scale
+
+
+def test_corrupted_latents():
+    from unipic_jax.train.stages import corrupt_latents
+
+    z = jax.random.normal(jax.random.key(0), (4, 16, 16, 8))
+    np.testing.assert_array_equal(corrupt_latents(z, jax.random.key(1), 0.0, 0.0), z)
+    swapped = np.asarray(corrupt_latents(z, jax.random.key(1), 0.0, 0.3))
+    changed = np.any(swapped != np.asarray(z), axis=-1)
+    assert 0.26 < changed.mean() < 0.34  # 1024 tokens, each swapped with probability 0.3
+    tokens = {tuple(t) for t in np.asarray(z).reshape(-1, 8)}
+    assert all(tuple(t) in tokens for t in swapped.reshape(-1, 8))  # every token is one of the batch's
+    noisy = np.asarray(corrupt_latents(z, jax.random.key(2), 1.0, 0.0))
+    tau = [np.polyfit(np.asarray(z[b]).ravel(), noisy[b].ravel(), 1)[0] for b in range(4)]  # slope ~ 1 - tau
+    assert all(0.0 <= 1 - t <= 1.05 for t in tau) and np.std(tau) > 0.01  # a strength per image
+
+
+def test_denoising_decoder_trains_the_decoder_only(mcfg, tok):
+    cfg = stage_cfg("vae", 30, ("vae.decoder", "vae.post_quant_conv"), batch_size=dict(t2i=2), decoder_noise=0.5,
+                    decoder_swap=0.1, recon="l2")
+    st = Stage.from_config("dec", cfg, mcfg, 0)
+    with pytest.raises(ValueError, match="trains only .*vae.decoder.*trainable=\\('vae',\\)"):
+        Stage.from_config("dec", stage_cfg("vae", 3, ("vae",), batch_size=dict(t2i=2), decoder_noise=0.5), mcfg, 0)
+    with pytest.raises(ValueError, match="calibrate_scale=True"):
+        Stage.from_config("dec", stage_cfg("vae", 3, ("vae.decoder",), batch_size=dict(t2i=2), decoder_swap=0.1,
+                                           calibrate_scale=True), mcfg, 0)
+    model = U.UniPic(mcfg, rngs=nnx.Rngs(2))
+    from unipic_jax.data import pipeline as P
+
+    batch = {k: v for k, v in P.Pipeline(sources(), st.data, tok, process_index=0, process_count=1)[0].items()
+             if k not in ("step", "bucket")}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = st.optimizer(params)
+    step = make_train_step(graphdef, rest, st, tx, seed=0)
+    state = init_state(params, tx, st, 0)
+    enc0 = [np.array(x) for x in jax.tree.leaves(params["vae"]["encoder"])]
+    dec0 = [np.array(x) for x in jax.tree.leaves(params["vae"]["decoder"])]
+    losses = []
+    for _ in range(st.steps):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        assert "clean_rec" in m
+    for a, b in zip(enc0, jax.tree.leaves(state["params"]["vae"]["encoder"]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the encoder, so the latent space, does not move
+    assert any(not np.array_equal(a, b) for a, b in zip(dec0, jax.tree.leaves(state["params"]["vae"]["decoder"]),
+                                                        strict=True))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses

@@ -14,7 +14,10 @@ What a stage computes is its **kind**, an entry of :data:`KINDS` (:func:`registe
 
 * ``"vae"``: the tokenizer's loss (``recon`` L1 or L2 reconstruction + ``kl_weight`` · KL) on
   the text-to-image images; with ``calibrate_scale`` the latent scale is set afterwards to
-  1 / std of the posterior means (:func:`calibrate_vae_scale`);
+  1 / std of the posterior means (:func:`calibrate_vae_scale`). With ``decoder_noise`` or
+  ``decoder_swap`` it fine-tunes a decoder that tolerates imperfect latents instead
+  (:func:`denoising_decoder_loss`, after l-DeTok, arXiv 2507.15856): the encoder frozen, so
+  the latent space does not move, and only ``vae.decoder`` / ``vae.post_quant_conv`` trained;
 * ``"unipic"``: ``loss_weights`` · (text-to-image diffusion loss, editing loss,
   understanding cross-entropy), the VAE frozen (its latents under ``stop_gradient``, scaled by
   the train state's ``vae_scale``).
@@ -77,6 +80,8 @@ class Stage:
     kl_weight: float = 1e-6
     recon: str = "l1"  # vae stages: the pixel loss, "l1" (LDM) or "l2"
     calibrate_scale: bool = False  # vae stages: afterwards, set the latent scale to 1 / std(latents)
+    decoder_noise: float = 0.0  # vae stages: the largest noise share tau of the denoising decoder's latents
+    decoder_swap: float = 0.0  # vae stages: the share of tokens the denoising decoder sees swapped
     loss_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"t2i": 1.0})
     data: pipeline_lib.PipelineConfig = dataclasses.field(default_factory=pipeline_lib.PipelineConfig)
 
@@ -86,6 +91,21 @@ class Stage:
         if self.steps < 1 or self.accumulate < 1:
             raise ValueError(f"stage {self.name!r}: steps ({self.steps}) and accumulate ({self.accumulate}) must be "
                              ">= 1")
+        if not (0.0 <= self.decoder_noise <= 1.0 and 0.0 <= self.decoder_swap <= 1.0):
+            raise ValueError(f"stage {self.name!r}: decoder_noise ({self.decoder_noise}) and decoder_swap "
+                             f"({self.decoder_swap}) are shares in [0, 1]")
+        if self.denoising:
+            decoder = ("vae.decoder", "vae.post_quant_conv")
+            outside = [t for t in self.trainable if not any(t == d or t.startswith(d + ".") for d in decoder)]
+            if self.kind != "vae" or outside or self.calibrate_scale:
+                raise ValueError(f"stage {self.name!r}: a denoising decoder (decoder_noise / decoder_swap) is a 'vae' "
+                                 f"stage that trains only {decoder} (the encoder frozen, so the latents keep their "
+                                 f"meaning) and keeps the latent scale (calibrate_scale=False); got kind="
+                                 f"{self.kind!r}, trainable={self.trainable}, calibrate_scale={self.calibrate_scale}")
+
+    @property
+    def denoising(self) -> bool:
+        return self.decoder_noise > 0 or self.decoder_swap > 0
 
     @property
     def spec(self) -> Kind:
@@ -127,8 +147,44 @@ class Stage:
 
 
 def vae_loss(model, stage: Stage, batch: dict, key, state=None):
-    del state
+    if stage.denoising:
+        return denoising_decoder_loss(model, stage, batch, key, state)
     return model.vae.loss(batch["t2i/pixels"], key, stage.kl_weight, stage.recon)
+
+
+def corrupt_latents(z, key, noise: float, swap: float):
+    """Latents ``z (B, h, w, C)`` (scaled, about unit variance) as a generator might get them
+    wrong: ``z' = (1 − τ)·z + τ·ε`` with ``τ ~ U[0, noise]`` per image and ``ε ~ N(0, I)``
+    (l-DeTok's interpolated noise), then each token, with probability ``swap``, replaced by the
+    token at a random position of a random image of the batch."""
+    B, h, w, C = z.shape
+    k_tau, k_eps, k_swap, k_src = jax.random.split(key, 4)
+    tau = jax.random.uniform(k_tau, (B, 1, 1, 1), jnp.float32, 0.0, noise)
+    z = (1.0 - tau) * z + tau * jax.random.normal(k_eps, z.shape, jnp.float32)
+    flat = z.reshape(B * h * w, C)
+    src = jax.random.randint(k_src, (B * h * w,), 0, B * h * w)
+    swapped = jax.random.bernoulli(k_swap, swap, (B * h * w,))
+    return jnp.where(swapped[:, None], flat[src], flat).reshape(B, h, w, C)
+
+
+def denoising_decoder_loss(model, stage: Stage, batch: dict, key, state=None):
+    """The decoder's reconstruction loss (``recon``, per-image sum as in ``VAE.loss``) from
+    corrupted encoder latents (:func:`corrupt_latents` of the frozen posterior means at the
+    train state's ``vae_scale``): the decoder learns to map latents near the encoder's
+    manifold back onto clean images. Parts: ``rec``, and ``clean_rec`` (the same loss on
+    uncorrupted latents, not trained on) to show what the corruption costs."""
+    scale = model.config.vae.scale if state is None or "vae_scale" not in state else state["vae_scale"]
+    images = batch["t2i/pixels"]
+    z = jax.lax.stop_gradient(model.vae.posterior(images)[0] * scale)
+    noisy = corrupt_latents(z, key, stage.decoder_noise, stage.decoder_swap)
+
+    def rec(latents):
+        out = model.vae.decoder(model.vae.post_quant_conv(latents / scale)).astype(jnp.float32)
+        err = jnp.abs(images - out) if stage.recon == "l1" else jnp.square(images - out)
+        return jnp.mean(jnp.sum(err, axis=(1, 2, 3)))
+
+    loss = rec(noisy)
+    return loss, {"rec": loss, "clean_rec": jax.lax.stop_gradient(rec(z))}
 
 
 def unipic_loss(model, stage: Stage, batch: dict, key, state=None):
