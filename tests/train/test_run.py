@@ -11,11 +11,12 @@ from unipic_jax.train import run
 
 def demo_config():
     c = run.load_config(Path(__file__).parents[2] / "configs" / "demo.py")
-    c.stages.vae.steps, c.stages.gen32.steps, c.stages.gen48.steps = 2, 2, 2
+    c.stages.vae.steps = c.stages.gen32.steps = c.stages.gen48.steps = c.stages.dec.steps = 2
     for s in c.stage_order:
-        c.stages[s].batch_size.t2i = 2
+        for task in c.stages[s].batch_size:
+            c.stages[s].batch_size[task] = min(c.stages[s].batch_size[task], 2)
     c.train.checkpoint_every, c.train.progress, c.train.sample_every = 2, False, 2
-    c.eval.per_category, c.eval.num_iter = 1, 2
+    c.eval.per_category, c.eval.num_iter, c.eval.edit_per_kind, c.eval.qa = 1, 2, 1, 2
     c.train.sample_prompts = ("a photo of a red circle", "a photo of two squares")
     c.model.overrides.diffloss.sampling_steps = "10"  # toy length: sampling cost, not quality
     c.data.length = 64
@@ -37,27 +38,30 @@ def test_demo_config_trains_resumes_and_reports(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:  # as if step 4 was logged before a kill
         f.write(json.dumps({"stage": "gen32", "step": 4, "loss": -1.0}) + "\n")
     summary = run.run(c, str(tmp_path))
-    assert summary["steps"] == 6 and set(summary["t2i"]["categories"]) == {
+    assert summary["steps"] == 8 and set(summary["t2i"]["categories"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert (tmp_path / "eval" / "t2i.png").exists() and (tmp_path / "model" / "config.json").exists()
     # the model folder says its step and the sampling settings eval.py takes from it
-    assert json.loads((tmp_path / "model" / "step.json").read_text()) == {"step": 6}
+    assert json.loads((tmp_path / "model" / "step.json").read_text()) == {"step": 8}
     saved = json.loads((tmp_path / "model" / "eval.json").read_text())
     assert saved["cfg"] == c.eval.cfg and saved["num_iter"] == 2 and saved["per_category"] == 1
     # metrics.jsonl: every update once, in order, though steps after the stop's checkpoint ran twice
     from unipic_jax.train.metrics import read_metrics
 
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
-    assert {r["stage"] for r in read_metrics(tmp_path)} == {"vae", "gen32", "gen48"}
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert {r["stage"] for r in read_metrics(tmp_path)} == {"vae", "gen32", "gen48", "dec"}
     assert all(r["loss"] > 0 for r in read_metrics(tmp_path))
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
-    # the periodic grid of the generation stages (none for the VAE stage), at their buckets
+    # the periodic grid of the generation stages (none for the VAE and decoder stages), at their buckets
     from PIL import Image
 
     grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert grids == ["0000004_gen32.png", "0000006_gen48.png"], grids
-    assert Image.open(tmp_path / "samples" / grids[1]).size[1] > Image.open(tmp_path / "samples" / grids[0]).size[1]
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    # labelled tiles are the bucket upscaled by an integer factor: 32² -> 160, 48² -> 144 pixels wide
+    assert Image.open(tmp_path / "samples" / grids[0]).size[0] != Image.open(tmp_path / "samples" / grids[1]).size[0]
+    assert summary["edit"]["n"] == 4 and summary["understanding"]["n"] == 2  # all three tasks evaluated
+    assert all({"t2i", "edit", "understanding"} <= set(r) for r in read_metrics(tmp_path) if r["stage"].startswith("gen"))
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
     text = shapes_eval.format_summary(summary)
     assert "shapes benchmark" in text and "sample grid" in text and "objects per image" in text
 

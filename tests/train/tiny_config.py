@@ -1,5 +1,5 @@
 """The demo's config shrunk for the multi-process tests: a tiny model on 16² images, a VAE stage
-(latent scale calibrated) and a generation stage with gradient accumulation and EMA; a global
+(latent scale calibrated) and a text-to-image stage with gradient accumulation and EMA; a global
 batch of 8 (one row per device), a checkpoint every update, no final evaluation."""
 
 from pathlib import Path
@@ -17,6 +17,7 @@ def get_config():
     vae, gen = c.stages.vae, c.stages.gen32
     vae.steps, vae.buckets, vae.batch_size.t2i = 2, SIZE, 8
     gen.steps, gen.buckets, gen.batch_size.t2i, gen.accumulate, gen.max_text_len.t2i = 3, SIZE, 8, 2, 20
+    gen.batch_size.edit = gen.batch_size.understanding = 0  # text-to-image only
     gen.lr, gen.warmup, gen.schedule = 3e-3, 0.34, "cosine"
     del c.stages.gen48, c.stages.gen32
     c.stages.gen = gen
