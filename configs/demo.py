@@ -75,8 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages.gen48 = stage("unipic", 400, 5e-4, LARGE, tasks["batch_size"], trainable=gen, ema=0.99,
                            loss_weights=tasks["loss_weights"], max_text_len=dict(edit=256, understanding=256),
                            understanding_size=(48, 48))
-    # the denoising decoder: the VAE decoder fine-tuned on latents with noise (std 0.3) and 5 % of tokens swapped,
-    # so the generator's imperfect latents still decode to clean shapes
+    # the denoising decoder: the VAE decoder fine-tuned on latents moved toward Gaussian noise by a share
+    # tau ~ U[0, 0.3] per image and with 5 % of tokens swapped, so the generator's imperfect latents decode cleanly
     c.stages.dec = stage("vae", 400, 5e-4, LARGE, dict(t2i=16), trainable=("vae.decoder", "vae.post_quant_conv"),
                          recon="l2", decoder_noise=0.3, decoder_swap=0.05)
     c.train = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=200, keep=2, progress=True,
