@@ -79,9 +79,12 @@ def _prefill(graphdef, state, input_ids, attention_mask, source_latents, *, grid
     return model.prefill(embeds, attention_mask, grid), x_con
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("grid", "n_max", "guided"))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("grid", "n_max", "guided", "record"))
 def _step(graphdef, state, cache, x_con, tokens, orders, k, masked, scales, temperature, key, ddim, xt_temperature,
-          ddim_xt_scale, *, grid, n_max, guided):
+          ddim_xt_scale, *, grid, n_max, guided, record=False):
+    """One MAR step: the new ``tokens``; with ``record``, also the diffusion path of the
+    step's ``n_max`` token slots (``{"x": (S+1, B', n_max, C), "log_var", "noise": (S, …)}``,
+    ``B'`` the sampled rows) and their token indices ``(B', n_max)`` (:mod:`unipic_jax.rl.rollout`)."""
     model: UniPic = nnx.merge(graphdef, state)
     B, L, C = tokens.shape
     m_now, m_next = masked[k], masked[k + 1]
@@ -94,14 +97,19 @@ def _step(graphdef, state, cache, x_con, tokens, orders, k, masked, scales, temp
     valid = jnp.arange(n_max)[None, :] < (m_now - m_next)
     zs = jnp.take_along_axis(z, idx[..., None], axis=1).reshape(B * n_max, -1)
     key = jax.random.fold_in(key, k)
-    head = dict(xt_temperature=xt_temperature, ddim=ddim[k], ddim_xt_scale=ddim_xt_scale)
+    head = dict(xt_temperature=xt_temperature, ddim=ddim[k], ddim_xt_scale=ddim_xt_scale, record=record)
+    out = model.diffloss.sample(zs, key, temperature, scales[k] if guided else None, **head)
+    new, path = out if record else (out, None)
+    rows = B // 2 if guided else B
+    new = new.reshape(rows, n_max, C)
     if guided:
-        new = model.diffloss.sample(zs, key, temperature, scales[k], **head).reshape(B // 2, n_max, C)
         new = jnp.concatenate([new, new])  # the unconditional half follows the conditional one
-    else:
-        new = model.diffloss.sample(zs, key, temperature, **head).reshape(B, n_max, C)
-    idx = jnp.where(valid, idx, L)  # out of range: dropped
-    return tokens.at[jnp.arange(B)[:, None], idx].set(new.astype(tokens.dtype), mode="drop")
+    slots = jnp.where(valid, idx, L)  # out of range: dropped
+    tokens = tokens.at[jnp.arange(B)[:, None], slots].set(new.astype(tokens.dtype), mode="drop")
+    if not record:
+        return tokens
+    path = {name: v.reshape(v.shape[0], rows, n_max, C) for name, v in path.items()}
+    return tokens, path, idx[:rows]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -151,7 +159,8 @@ def sample_latents(
     ddim_xt_scale: float = 1.0,
     source_latents=None,
     progress: bool = False,
-) -> jax.Array:
+    record: Sequence[int] = (),
+):
     """Generated latents ``(B, h, w, C)`` for prompts ``input_ids (N, T)`` (``N = 2B``:
     ``[cond; uncond]`` when ``cfg != 1``, else ``N = B``) on a token ``grid = (h, w)``.
     ``source_latents (B, h, w, C)``: the source images for editing (their ``L + S``
@@ -160,7 +169,12 @@ def sample_latents(
     ``temperature`` scales the diffusion head's per-step DDPM noise, ``xt_temperature`` its
     starting noise ``x_T``; steps whose visible fraction is ``≥ ddim_after`` (None: none)
     decode with DDIM ``η = 0`` from ``x_T = ddim_xt_scale·N(0, I)`` (module docstring). The
-    defaults are the release's sampler."""
+    defaults are the release's sampler.
+
+    ``record``: MAR steps whose diffusion paths are kept (GRPO's rollouts,
+    :mod:`unipic_jax.rl.rollout`); then returns ``(latents, record)`` with ``record =
+    {"orders": (B, L), "masked": (K+1,), "scales": (K,), "steps": {k: (path, idx)}}`` (the
+    path and token slots of ``_step``). Recording does not change the samples."""
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.asarray(attention_mask, bool)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -181,6 +195,12 @@ def sample_latents(
     scales = cfg_scales(cfg, cfg_schedule, L, clamped)
     n_max = int(np.max(masked[:-1] - masked[1:]))
     ddim = ddim_steps(masked, ddim_after)
+    record = sorted({int(k) for k in record})
+    if record and not (0 <= record[0] and record[-1] < num_iter):
+        raise ValueError(f"record holds MAR steps {record}; they must lie in [0, num_iter={num_iter})")
+    if any(ddim[k] for k in record):
+        raise ValueError(f"MAR steps {[k for k in record if ddim[k]]} are recorded but decode with DDIM "
+                         f"(ddim_after={ddim_after}): a deterministic step has no log-probability")
     if source_latents is not None:
         source_latents = jnp.asarray(source_latents, jnp.float32)
         if source_latents.shape != (B, h, w, C):
@@ -205,12 +225,18 @@ def sample_latents(
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"sampling {h}x{w} tokens", unit="step")
+        kept = {}
         for k in steps:
-            tokens = _step(graphdef, state, cache, x_con, tokens, orders, jnp.int32(k), jnp.asarray(masked),
-                           jnp.asarray(scales), jnp.float32(temperature), k_sample, jnp.asarray(ddim),
-                           jnp.float32(xt_temperature), jnp.float32(ddim_xt_scale), grid=(h, w), n_max=n_max,
-                           guided=guided)
-        return tokens[:B].reshape(B, h, w, C)
+            out = _step(graphdef, state, cache, x_con, tokens, orders, jnp.int32(k), jnp.asarray(masked),
+                        jnp.asarray(scales), jnp.float32(temperature), k_sample, jnp.asarray(ddim),
+                        jnp.float32(xt_temperature), jnp.float32(ddim_xt_scale), grid=(h, w), n_max=n_max,
+                        guided=guided, record=k in record)
+            tokens, kept[k] = (out[0], out[1:]) if k in record else (out, None)
+        latents = tokens[:B].reshape(B, h, w, C)
+        if not record:
+            return latents
+        return latents, {"orders": orders[:B], "masked": masked, "scales": scales,
+                         "steps": {k: kept[k] for k in record}}
 
     return sharding.on_params_mesh(state, run)
 

@@ -210,7 +210,7 @@ class DiffLoss(nnx.Module):
         return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     def sample(self, z, key, temperature=1.0, cfg=None, *, xt_temperature=1.0, ddim=False,
-               ddim_xt_scale=1.0) -> jax.Array:
+               ddim_xt_scale=1.0, record: bool = False):
         """Token latents for conditions ``z (N, Z)``: ``(N, C)``. With a guidance scale
         ``cfg`` (a float or a traced scalar) ``z`` is ``[cond; uncond]`` and the ``N/2``
         guided tokens are returned (both halves share their noise).
@@ -218,7 +218,11 @@ class DiffLoss(nnx.Module):
         The chain starts from ``x_T = xt_temperature · N(0, I)`` and adds ``temperature``-scaled
         noise per DDPM step. ``ddim`` (a Python or traced boolean): decode deterministically
         with DDIM, ``η = 0`` (:func:`diffusion.ddim_step`), from ``x_T = ddim_xt_scale · N(0, I)``
-        instead. All of them may be traced: changing them does not recompile."""
+        instead. All of them may be traced: changing them does not recompile.
+
+        ``record=True`` returns ``(tokens, path)`` with the DDPM path of the returned tokens
+        (:func:`diffusion.p_sample_loop`; guided: the first half's ``x``, variance and noise; its
+        mean is the guided one), for GRPO's log-probabilities."""
         C = self.config.in_channels
         k0, k1 = jax.random.split(key)
         if isinstance(ddim, bool):
@@ -233,5 +237,11 @@ class DiffLoss(nnx.Module):
         else:
             noise = jax.random.normal(k0, (z.shape[0], C), jnp.float32) * scale
             net = lambda x, t: self.net(x, t, z)  # noqa: E731
-        x = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature, ddim)
-        return x[: z.shape[0] // 2] if cfg is not None else x
+        out = diffusion.p_sample_loop(self.sample_schedule, net, noise, k1, temperature, ddim, record)
+        if cfg is None:
+            return out
+        n = z.shape[0] // 2
+        if record:
+            x, path = out
+            return x[:n], {k: v[:, :n] for k, v in path.items()}
+        return out[:n]

@@ -288,13 +288,18 @@ def ddim_step(s: Schedule, model_out, xt, t):
     return jnp.sqrt(ac_prev) * x0 + jnp.sqrt(1.0 - ac_prev) * eps
 
 
-def p_sample_loop(s: Schedule, net: Callable, noise, key, temperature=1.0, ddim=False):
+def p_sample_loop(s: Schedule, net: Callable, noise, key, temperature=1.0, ddim=False, record: bool = False):
     """Runs the whole reverse chain from ``x_T = noise``. ``net(x, t_original)`` → ``[ε̂, v]``.
 
     ``ddim`` (a Python or traced boolean): every step is the deterministic :func:`ddim_step`
     instead of the DDPM step (``key`` and ``temperature`` then unused). A traced ``ddim``
     selects one of the two chains with ``lax.cond`` (both compiled once, one run); the DDPM
-    chain is then the same computation as with ``ddim=False``, bit for bit."""
+    chain is then the same computation as with ``ddim=False``, bit for bit.
+
+    ``record=True`` also returns the path ``{"x": (S+1, N, C), "log_var", "noise": (S, N,
+    C)}``: ``x[j]`` is the input of the ``j``-th reverse step (respaced step index ``S−1−j``),
+    ``x[j+1] = μ_j + temperature·exp(½·log_var[j])·noise[j]`` its draw (no noise at the last
+    step); ``x[S]`` is the sample (with a traced ``ddim``, the DDIM chain returns a zero path)."""
     steps = jnp.asarray(s.timestep_map, jnp.int32)
     B = noise.shape[0]
     order = jnp.arange(s.num_steps - 1, -1, -1)
@@ -305,10 +310,14 @@ def p_sample_loop(s: Schedule, net: Callable, noise, key, temperature=1.0, ddim=
             key, sub = jax.random.split(key)
             t = jnp.full((B,), i, jnp.int32)
             out = net(x, steps[t])
-            x, _, _ = p_sample_step(s, out, x, t, jax.random.normal(sub, x.shape, x.dtype), temperature)
-            return (x, key), None
+            z = jax.random.normal(sub, x.shape, x.dtype)
+            new, _, log_var = p_sample_step(s, out, x, t, z, temperature)
+            # not the mean: keeping it changes XLA's fusion of the draw (and the samples' last bits)
+            return (new, key), ((x, log_var, z) if record else None)
 
-        (x, _), _ = jax.lax.scan(body, (noise, key), order)
+        (x, _), path = jax.lax.scan(body, (noise, key), order)
+        if record:
+            return x, {"x": jnp.concatenate([path[0], x[None]]), "log_var": path[1], "noise": path[2]}
         return x
 
     def ddim_chain(noise):
@@ -316,8 +325,14 @@ def p_sample_loop(s: Schedule, net: Callable, noise, key, temperature=1.0, ddim=
             t = jnp.full((B,), i, jnp.int32)
             return ddim_step(s, net(x, steps[t]), x, t), None
 
-        return jax.lax.scan(body, noise, order)[0]
+        x = jax.lax.scan(body, noise, order)[0]
+        if record:  # the structure of the DDPM chain's path; a deterministic step has no log-probability
+            zeros = jnp.zeros((s.num_steps,) + x.shape, x.dtype)
+            return x, {"x": jnp.concatenate([zeros, x[None]]), "log_var": zeros, "noise": zeros}
+        return x
 
+    if record and ddim is True:
+        raise ValueError("record=True records the stochastic DDPM chain; DDIM steps have no log-probability")
     if isinstance(ddim, bool):
         return ddim_chain(noise) if ddim else ddpm_chain(noise)
     return jax.lax.cond(ddim, ddim_chain, ddpm_chain, noise)

@@ -56,6 +56,7 @@ class Detection:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 (pixel edges)
     area: int
     iou: float  # of the mask with the best-fitting rendered shape
+    ious: dict = dataclasses.field(default_factory=dict, compare=False)  # the best IoU of each shape
 
 
 def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: int, k: int = 4) -> np.ndarray:
@@ -72,11 +73,12 @@ def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: in
     return np.asarray(img.reduce(k), np.float32) / 255.0
 
 
-def classify_shape(mask: np.ndarray, sigma: float = 0.0) -> tuple[str, float]:
+def classify_shape(mask: np.ndarray, sigma: float = 0.0, per_shape: bool = False):
     """Analysis by synthesis: each shape is rendered into the mask's box (same centre, the
     half-size the box implies, ±½ px), blurred by the image's estimated blur ``sigma`` (a
     blurred image's mask is the blurred coverage thresholded half-way, as the detection's
-    is) and thresholded; the best intersection-over-union wins. Returns ``(shape, iou)``."""
+    is) and thresholded; the best intersection-over-union wins. Returns ``(shape, iou)``, and
+    with ``per_shape`` also ``{shape: its best IoU}``."""
     from scipy import ndimage
 
     ys, xs = np.nonzero(mask)
@@ -85,15 +87,16 @@ def classify_shape(mask: np.ndarray, sigma: float = 0.0) -> tuple[str, float]:
     h, w = crop.shape
     cx, cy = w / 2, h / 2
     half = (w + h - 4 * pad) / 4  # mean half-extent of the box
-    best = ("circle", -1.0)
+    best, ious = ("circle", -1.0), {}
     for shape in world.SHAPES:
         for dr in (-0.5, -0.25, 0.0, 0.25, 0.5):
             cov = _coverage(shape, cx, cy, (half / 0.9 if shape == "square" else half) + dr, h, w)
             sil = (ndimage.gaussian_filter(cov, sigma) if sigma > 0.2 else cov) >= 0.5
             iou = float((sil & crop).sum() / max((sil | crop).sum(), 1))
+            ious[shape] = max(ious.get(shape, 0.0), iou)
             if iou > best[1]:
                 best = (shape, iou)
-    return best
+    return (*best, ious) if per_shape else best
 
 
 def estimate_blur(alpha: np.ndarray, mask: np.ndarray) -> float:
@@ -130,12 +133,12 @@ def detect(image) -> list[Detection]:
             continue
         ys, xs = np.nonzero(mask)
         y0, x0 = sl[0].start, sl[1].start
-        shape, iou = classify_shape(mask, estimate_blur(alpha, mask))
+        shape, iou, ious = classify_shape(mask, estimate_blur(alpha, mask), per_shape=True)
         out.append(Detection(
             shape=shape if iou >= MIN_IOU else UNRECOGNISED, color=PALETTE_NAMES[c],
             cx=float(xs.mean() + x0 + 0.5), cy=float(ys.mean() + y0 + 0.5),
             box=(float(xs.min() + x0), float(ys.min() + y0), float(xs.max() + x0 + 1), float(ys.max() + y0 + 1)),
-            area=int(mask.sum()), iou=iou,
+            area=int(mask.sum()), iou=iou, ious=ious,
         ))
     return out
 
@@ -202,6 +205,20 @@ def evaluate(images, metadatas: Sequence[dict]) -> dict:
             "reward": float(np.mean(rewards)) if rewards else 0.0, "n": len(rewards),
             "objects": float(np.mean(objects)) if objects else 0.0,
             "prompted_objects": float(np.mean(prompted)) if prompted else 0.0, "correct": correct}
+
+
+def shape_fit(dets: Sequence[Detection], metadata: dict) -> float:
+    """A dense score in [0, 1]: for each ``include`` asking for ``count`` objects of a class
+    (and colour), the mean of the ``count`` best IoUs between a detected object of that colour
+    and the class's rendered shape (0 for each missing object), averaged over the includes.
+    It rises as blobs of the right colour take the prompted shape, before the detector's
+    threshold (:data:`MIN_IOU`) counts them."""
+    scores = []
+    for req in metadata.get("include", []):
+        fits = sorted((d.ious.get(req["class"], 0.0) for d in dets if "color" not in req or d.color == req["color"]),
+                      reverse=True)[: req["count"]]
+        scores.append(sum(fits) / req["count"])
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def reward(prompts: Sequence[str], images, metadata: Sequence[dict]) -> np.ndarray:
